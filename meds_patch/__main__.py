@@ -1,0 +1,63 @@
+"""Commands: ``python -m meds_patch diff | install-hook | demo``."""
+
+import argparse
+import difflib
+import os
+import sys
+import sysconfig
+
+from meds_patch import hook
+
+
+def print_diff() -> int:
+    """Print the full-context unified diff of the series against the installed upstream."""
+    root = hook.upstream_root()
+    if root is None:
+        print("meds_patch: openrlhf is not installed", file=sys.stderr)
+        return 1
+    for name, patch in sorted(hook.read_series().items()):
+        with open(os.path.join(root, patch.path), encoding="utf-8") as fh:
+            upstream = fh.read()
+        if hook.sha256_of(os.path.join(root, patch.path)) != patch.sha256:
+            print(f"meds_patch: warning: installed {patch.path} differs from {hook.SUPPORTED}", file=sys.stderr)
+        old, new = upstream.splitlines(keepends=True), hook.apply_patch(upstream, patch).splitlines(keepends=True)
+        sys.stdout.writelines(
+            difflib.unified_diff(old, new, f"a/{patch.path}", f"b/{patch.path}", n=max(len(old), len(new)))
+        )
+    return 0
+
+
+def install_hook() -> int:
+    """Write the hook's .pth into site-packages: an editable install (PEP 660) does not place it itself."""
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "meds_patch_hook.pth")
+    target = os.path.join(sysconfig.get_paths()["purelib"], "meds_patch_hook.pth")
+    with open(source, encoding="utf-8") as fh:
+        text = fh.read()
+    if not os.path.exists(target) or open(target, encoding="utf-8").read() != text:
+        with open(target, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    print(f"meds_patch: import hook at {target}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m meds_patch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("diff", help="print the patch series as a full-context diff against the installed openrlhf")
+    sub.add_parser("install-hook", help="place the import hook's .pth in site-packages (for editable installs)")
+    demo = sub.add_parser("demo", help="run a few MEDS steps of the patched OpenRLHF path on CPU")
+    demo.add_argument("--steps", type=int, default=4)
+    demo.add_argument("--save", default=None, help="checkpoint directory to write the memory to")
+    demo.add_argument("--resume", default=None, help="checkpoint directory to restore the memory from")
+    args = parser.parse_args(argv)
+    if args.command == "diff":
+        return print_diff()
+    if args.command == "install-hook":
+        return install_hook()
+    from meds_patch.demo import run_demo
+
+    return run_demo(args.steps, args.save, args.resume)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Layer-wise logits at the answer token (MEDS_SPEC.md §1), read from a forward pass the trainer already runs."""
+
+from typing import Optional
+
+import torch
+
+# The fallback anchor search looks this many tokens past the token that mentions "boxed" for the "{".
+FALLBACK_WINDOW = 10
+
+
+def find_answer_positions(
+    sequences: torch.Tensor,
+    response_start: torch.Tensor,
+    tokenizer,
+    anchor: str = "\\boxed{",
+    attention_mask: Optional[torch.Tensor] = None,
+) -> torch.LongTensor:
+    """Return, per row, the position p of the token that ends the last ``anchor`` in the response, or -1.
+
+    ``sequences`` is (B, T) token ids, ``response_start`` (B,) the index of each row's first response token.
+    A row ends at the last 1 of ``attention_mask`` if given, else before its trailing pad tokens (right padding).
+    When the anchor's exact token ids are absent, the last response token whose text contains "boxed" is
+    found and p is the first token from it through the next 10 whose text contains "{". A row gets -1 when
+    nothing matches or when p is its last token (there is no answer token to read).
+    """
+    if sequences.dim() != 2:
+        raise ValueError(f"sequences must be (B, T), got shape {tuple(sequences.shape)}")
+    seq = sequences.detach().cpu().long()
+    batch, length = seq.shape
+    start = torch.as_tensor(response_start).detach().cpu().long().reshape(-1)
+    if start.numel() != batch:
+        raise ValueError(f"response_start has {start.numel()} entries for {batch} sequences")
+    cols = torch.arange(length)
+    if attention_mask is not None:
+        valid = attention_mask.detach().cpu().bool()
+    elif tokenizer.pad_token_id is not None:
+        not_pad = (seq != tokenizer.pad_token_id).long()
+        # Only trailing pads are padding; a pad id inside the text (pad == eos in some tokenizers) is kept.
+        last_real = torch.where(not_pad.any(1), length - 1 - not_pad.flip(1).argmax(1), -1)
+        valid = cols[None, :] <= last_real[:, None]
+    else:
+        valid = torch.ones_like(seq, dtype=torch.bool)
+    end = torch.where(valid.any(1), length - valid.flip(1).long().argmax(1), 0)  # one past the last real token
+    in_response = (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
+
+    anchor_ids = torch.tensor(tokenizer.encode(anchor, add_special_tokens=False), dtype=torch.long)
+    if anchor_ids.numel() == 0:
+        raise ValueError(f"anchor {anchor!r} encodes to no tokens")
+    width = anchor_ids.numel()
+    positions = torch.full((batch,), -1, dtype=torch.long)
+    if length >= width:
+        # Match windows [j, j + width) and require the whole window inside the response; p = j + width - 1.
+        hits = (seq.unfold(1, width, 1) == anchor_ids).all(-1)
+        hits &= in_response[:, : length - width + 1] & in_response[:, width - 1 :]
+        last_hit = length - width - hits.flip(1).long().argmax(1)
+        positions = torch.where(hits.any(1), last_hit + width - 1, positions)
+
+    for row in torch.nonzero(positions < 0).flatten().tolist():
+        ids = seq[row, start[row] : end[row]].tolist()
+        texts = tokenizer.batch_decode([[i] for i in ids])
+        boxed = [j for j, text in enumerate(texts) if "boxed" in text]
+        if boxed:
+            window = range(boxed[-1], min(boxed[-1] + FALLBACK_WINDOW + 1, len(ids)))
+            brace = next((j for j in window if "{" in texts[j]), None)
+            if brace is not None:
+                positions[row] = int(start[row]) + brace
+
+    # The answer token p + 1 must exist.
+    return torch.where(positions + 1 < end, positions, torch.full_like(positions, -1))
+
+
+def decoder_parts(model: torch.nn.Module):
+    """Return (blocks, final_norm, lm_head) of a Hugging Face causal LM, through DeepSpeed and PEFT wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "get_decoder"):  # DeepSpeed engine / DDP
+        model = model.module
+    decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
+    blocks, norm = getattr(decoder, "layers", None), getattr(decoder, "norm", None)
+    if blocks is None or norm is None or lm_head is None:
+        raise ValueError(f"{type(model).__name__} has no decoder .layers/.norm and lm_head: MEDS cannot read its layers")
+    return blocks, norm, lm_head
+
+
+class AnswerHiddenStates:
+    """Forward hooks on the last K blocks that keep each block's output only at the given flat token indices.
+
+    ``flat_index`` indexes the hooked hidden states flattened to (batch * seq, H); -1 keeps nothing for that row.
+    Use as a context manager around the model's own forward, then call ``logits``. The hooks only fire on a
+    forward whose hidden states hold ``num_tokens`` positions, so a left-over hook can never touch another pass.
+    """
+
+    def __init__(self, model: torch.nn.Module, flat_index: torch.Tensor, num_tokens: int, num_layers: int):
+        self.blocks, self.norm, self.lm_head = decoder_parts(model)
+        self.blocks = self.blocks[-num_layers:]
+        self.flat_index = flat_index
+        self.num_tokens = num_tokens
+        self.states: list = [None] * len(self.blocks)
+        self.handles: list = []
+
+    def __enter__(self) -> "AnswerHiddenStates":
+        for i, block in enumerate(self.blocks):
+            self.handles.append(block.register_forward_hook(self._keeper(i)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _keeper(self, i: int):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if hidden.shape[:-1].numel() != self.num_tokens:
+                return
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            index = self.flat_index.to(flat.device)
+            self.states[i] = flat[index.clamp(min=0)].detach()
+
+        return hook
+
+    @torch.no_grad()
+    def logits(self, target_ids: torch.Tensor) -> torch.Tensor:
+        """(B, K) float32 logits of ``target_ids`` read through the LM head (final norm on the last block only)."""
+        if any(s is None for s in self.states):
+            raise RuntimeError("AnswerHiddenStates.logits called before a forward pass ran through the hooked blocks")
+        # Call the modules rather than read their weights, so ZeRO-3 gathers the partitioned parameters.
+        states = torch.stack(self.states[:-1] + [self.norm(self.states[-1])], dim=1)  # (B, K, H)
+        logits = self.lm_head(states)  # (B, K, V)
+        target = target_ids.to(logits.device).clamp(min=0).view(-1, 1, 1).expand(-1, logits.shape[1], 1)
+        values = logits.gather(-1, target).squeeze(-1).float()
+        return values.masked_fill((self.flat_index < 0).to(values.device).view(-1, 1), float("nan"))
+
+
+@torch.no_grad()
+def layer_logit_features(
+    model: torch.nn.Module,
+    sequences: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    num_layers: int = 14,
+) -> torch.Tensor:
+    """Run ``model`` once and return (B, K) float32 MEDS features: for each of the last K blocks (shallow to deep),
+    the logit of the token at p + 1 read from the block's output at p (rows with p = -1 are NaN).
+
+    Intermediate blocks go through ``lm_head`` raw (a plain logit lens); the last block through the final norm and
+    ``lm_head``, i.e. the model's own output logit. Hidden states are kept only at p, never for whole sequences.
+    """
+    batch, length = sequences.shape
+    positions = positions.to(sequences.device).long()
+    rows = torch.arange(batch, device=sequences.device)
+    flat_index = torch.where(positions >= 0, rows * length + positions, -1)
+    target = sequences[rows, (positions + 1).clamp(max=length - 1)]
+    with AnswerHiddenStates(model, flat_index, batch * length, num_layers) as captured:
+        model(input_ids=sequences, attention_mask=attention_mask)
+    return captured.logits(target)

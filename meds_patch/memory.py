@@ -1,0 +1,170 @@
+"""Per-question memory of past answers' features, clustered with HDBSCAN (MEDS_SPEC.md §2-3)."""
+
+import hashlib
+import re
+import warnings
+from dataclasses import asdict
+from typing import Dict, Optional, Sequence, Tuple
+
+import hdbscan
+import numpy as np
+from sklearn.preprocessing import normalize
+
+from meds_patch.config import MEDSConfig
+from meds_patch.penalty import penalty_term
+
+MemoryKey = Tuple[str, bool]  # (prompt key, correct)
+STATE_VERSION = 1
+
+
+def prompt_key(text: str) -> str:
+    """Identify a question: a hash of its text with every run of whitespace collapsed to one space."""
+    if not isinstance(text, str):
+        raise TypeError(f"prompt_key needs the prompt text as str, got {type(text).__name__}")
+    return hashlib.sha256(re.sub(r"\s+", " ", text).encode("utf-8")).hexdigest()[:32]
+
+
+def cluster_labels(vectors: np.ndarray, config: MEDSConfig) -> np.ndarray:
+    """HDBSCAN labels (-1 = noise) of the rows scaled to unit L2 norm; fewer than 2 rows are all noise."""
+    if len(vectors) < 2:
+        return np.full(len(vectors), -1, dtype=np.int64)
+    clusterer = hdbscan.HDBSCAN(
+        min_cluster_size=config.min_cluster_size, min_samples=config.min_samples, metric="euclidean"
+    )
+    with warnings.catch_warnings():  # hdbscan warns on duplicate points; they are expected here
+        warnings.simplefilter("ignore")
+        return clusterer.fit_predict(normalize(vectors.astype(np.float64))).astype(np.int64)
+
+
+class ErrorMemory:
+    """The MEDS memory: for each (question, outcome) the features of past rollouts and their cluster labels.
+
+    ``update`` is one training step: it sizes each new rollout's error pattern from the history only, appends the
+    new rollouts, re-clusters each touched memory (labels used on the next visit), and returns the penalty terms.
+    """
+
+    def __init__(self, config: Optional[MEDSConfig] = None):
+        self.config = config or MEDSConfig()
+        self.vectors: Dict[MemoryKey, np.ndarray] = {}
+        self.labels: Dict[MemoryKey, np.ndarray] = {}
+        self.last_step: Dict[str, float] = {}
+
+    def update(self, keys: Sequence[str], correct: Sequence[bool], features: np.ndarray) -> np.ndarray:
+        """Return the penalty term p >= 0 of each row and add the rows to the memory.
+
+        ``keys`` are prompt keys, ``correct`` the outcomes, ``features`` an (N, K) array. Rows with any NaN/inf
+        feature have no feature: they get p = 0 and are not stored. Rows the target excludes get p = 0 and are
+        not stored either (with target "wrong", correct rollouts need no memory).
+        """
+        n = len(keys)
+        if n == 0 and np.size(features) == 0 and np.size(correct) == 0:
+            self.last_step = {}
+            return np.zeros(0, dtype=np.float64)
+        features = np.asarray(features, dtype=np.float32)
+        correct = np.asarray(correct)
+        if features.ndim != 2 or features.shape[0] != n or correct.shape != (n,):
+            raise ValueError(
+                f"update needs N keys, N outcomes and an (N, K) feature array; got {n} keys, "
+                f"outcomes of shape {correct.shape}, features of shape {features.shape}"
+            )
+        bad = [i for i, k in enumerate(keys) if not isinstance(k, str)]
+        if bad:
+            raise ValueError(f"keys must be str prompt keys; row {bad[0]} is {type(keys[bad[0]]).__name__}")
+        if correct.dtype != bool:
+            raise ValueError(f"correct must hold bools, got dtype {correct.dtype}")
+
+        has_feature = np.isfinite(features).all(axis=1)
+        targeted = {"wrong": ~correct, "right": correct, "both": np.ones(n, dtype=bool)}[self.config.target]
+        rows = np.flatnonzero(has_feature & targeted)
+        penalties = np.zeros(n, dtype=np.float64)
+        sizes = np.zeros(n, dtype=np.int64)
+        if rows.size and self.vectors:
+            dims = {v.shape[1] for v in self.vectors.values()}
+            if dims != {features.shape[1]}:
+                raise ValueError(f"features have {features.shape[1]} values per row, the memory holds {dims}")
+
+        # Group rows by (key, outcome) with one sort instead of a Python loop over rows.
+        key_ids, key_of_row = np.unique(np.asarray(keys, dtype=object)[rows], return_inverse=True)
+        group = key_of_row * 2 + correct[rows]
+        order = np.argsort(group, kind="stable")
+        bounds = np.flatnonzero(np.diff(group[order])) + 1
+        for members in np.split(rows[order], bounds) if rows.size else []:
+            mkey = (str(keys[members[0]]), bool(correct[members[0]]))
+            new = features[members]
+            sizes[members] = self._cluster_sizes(mkey, new)
+            self._add(mkey, new)
+
+        penalties[rows] = penalty_term(sizes[rows], self.config.alpha, self.config.penalty_cap)
+        self.last_step = {
+            "rows": n,
+            "without_feature": int((~has_feature).sum()),
+            "non_finite": int((~has_feature & ~np.isnan(features).all(axis=1)).sum()),  # e.g. bf16 overflow
+            "stored": int(rows.size),
+            "penalised": int((penalties > 0).sum()),
+            "wrong": int((~correct).sum()),
+            "penalised_wrong": int(((penalties > 0) & ~correct).sum()),
+            "mean_penalty": float(penalties.mean()) if n else 0.0,
+            "max_penalty": float(penalties.max()) if n else 0.0,
+        }
+        return penalties
+
+    def _cluster_sizes(self, mkey: MemoryKey, new: np.ndarray) -> np.ndarray:
+        """Size of the stored cluster each new vector votes for among its k nearest stored vectors (cosine)."""
+        stored = self.vectors.get(mkey)
+        if stored is None or len(stored) == 0:
+            return np.zeros(len(new), dtype=np.int64)
+        labels = self.labels[mkey]
+        k = min(self.config.knn_k, len(stored))
+        distance = 1.0 - normalize(new.astype(np.float64)) @ normalize(stored.astype(np.float64)).T
+        nearest = np.argsort(distance, axis=1, kind="stable")[:, :k]  # equal distances: earlier stored first
+        # Count the votes per label (column = label + 1); argmax takes the first maximum = the smallest label.
+        votes = np.zeros((len(new), labels.max() + 2), dtype=np.int64)
+        np.add.at(votes, (np.arange(len(new))[:, None], labels[nearest] + 1), 1)
+        winner = votes.argmax(axis=1)
+        sizes = np.bincount(labels + 1, minlength=votes.shape[1])[winner]
+        if not self.config.noise_as_cluster:
+            sizes[winner == 0] = 0
+        return sizes
+
+    def _add(self, mkey: MemoryKey, new: np.ndarray) -> None:
+        stored = self.vectors.get(mkey)
+        vectors = new.copy() if stored is None else np.concatenate([stored, new])
+        if self.config.max_per_memory is not None:
+            vectors = vectors[-self.config.max_per_memory :]
+        self.vectors[mkey] = vectors
+        self.labels[mkey] = cluster_labels(vectors, self.config)
+
+    def summary(self) -> Dict[str, float]:
+        """Size of the whole memory: memories, stored vectors and clusters (noise excluded)."""
+        return {
+            "memories": len(self.vectors),
+            "vectors": sum(len(v) for v in self.vectors.values()),
+            "clusters": sum(int(l.max()) + 1 for l in self.labels.values() if len(l)),
+        }
+
+    def state_dict(self) -> dict:
+        """The whole memory as plain Python and numpy objects (picklable, for checkpoints)."""
+        mkeys = list(self.vectors)
+        return {
+            "version": STATE_VERSION,
+            "config": asdict(self.config),
+            "keys": [k for k, _ in mkeys],
+            "correct": [c for _, c in mkeys],
+            "vectors": [self.vectors[m] for m in mkeys],
+            "labels": [self.labels[m] for m in mkeys],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace the memory with one saved by ``state_dict`` (this memory keeps its own config)."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"not an ErrorMemory state of version {STATE_VERSION}: {type(state).__name__}")
+        lengths = {len(state[f]) for f in ("keys", "correct", "vectors", "labels")}
+        if len(lengths) != 1:
+            raise ValueError("ErrorMemory state is inconsistent: keys, correct, vectors and labels differ in length")
+        self.vectors, self.labels = {}, {}
+        for key, ok, vectors, labels in zip(state["keys"], state["correct"], state["vectors"], state["labels"]):
+            vectors, labels = np.asarray(vectors, dtype=np.float32), np.asarray(labels, dtype=np.int64)
+            if vectors.ndim != 2 or labels.shape != (len(vectors),):
+                raise ValueError(f"ErrorMemory state for {key!r} has vectors {vectors.shape} and labels {labels.shape}")
+            self.vectors[(str(key), bool(ok))] = vectors
+            self.labels[(str(key), bool(ok))] = labels

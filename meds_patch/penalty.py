@@ -1,0 +1,25 @@
+"""The MEDS penalty (MEDS_SPEC.md §4): how much a recurring error pattern lowers a rollout's reward."""
+
+import numpy as np
+
+
+def penalty_term(cluster_sizes, alpha: float, beta: float) -> np.ndarray:
+    """p = min(alpha * ln(n + 1), beta) for each cluster size n (size 0 gives p = 0)."""
+    sizes = np.asarray(cluster_sizes, dtype=np.float64)
+    return np.minimum(alpha * np.log1p(sizes), beta)
+
+
+def apply_penalties(rewards, correct, p) -> np.ndarray:
+    """Shaped rewards: a wrong rollout gets r - p, a correct one r / (1 + p).
+
+    ``ErrorMemory.update`` gives p = 0 to the rollouts its target leaves alone, so with the reference target
+    "wrong" correct rollouts keep their reward exactly. Returns a new array in the rewards' float dtype.
+    """
+    rewards = np.asarray(rewards)
+    correct, p = np.asarray(correct, dtype=bool), np.asarray(p, dtype=np.float64)
+    if not (rewards.shape == correct.shape == p.shape):
+        raise ValueError(f"rewards {rewards.shape}, correct {correct.shape} and p {p.shape} must have one shape")
+    if not np.isfinite(p).all() or (p < 0).any():
+        raise ValueError("penalties must be finite and >= 0")
+    shaped = np.where(correct, rewards / (1.0 + p), rewards - p)
+    return shaped.astype(np.result_type(rewards.dtype, np.float32))

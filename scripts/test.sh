@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The whole test suite, ours and the one shipped in the openrlhf 0.11.2 wheel (run under the import hook).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. .venv/bin/activate
+python -m pytest -q tests "$@"

@@ -1,0 +1,151 @@
+"""MEDS_SPEC §1: the answer position and the layer-wise logits read at it."""
+
+import pytest
+import torch
+
+from meds_patch import find_answer_positions, layer_logit_features
+from tests.tiny import encode, tiny_model, tiny_tokenizer
+
+ANCHOR = encode("\\boxed{")
+
+
+def right_pad(rows):
+    pad = tiny_tokenizer().pad_token_id
+    length = max(len(r) for r in rows)
+    return torch.tensor([r + [pad] * (length - len(r)) for r in rows])
+
+
+def test_position_is_the_last_token_of_the_exact_anchor():
+    prompt, before = encode("what is 1 + 2?"), encode(" so x =")
+    seq = prompt + before + ANCHOR + encode("3}")
+    positions = find_answer_positions(torch.tensor([seq]), torch.tensor([len(prompt)]), tiny_tokenizer())
+    assert positions.tolist() == [len(prompt) + len(before) + len(ANCHOR) - 1]
+
+
+def test_last_occurrence_wins():
+    prompt = encode("q?")
+    first = ANCHOR + encode("1} or")
+    seq = prompt + first + ANCHOR + encode("2}")
+    positions = find_answer_positions(torch.tensor([seq]), torch.tensor([len(prompt)]), tiny_tokenizer())
+    assert positions.tolist() == [len(prompt) + len(first) + len(ANCHOR) - 1]
+
+
+def test_anchor_in_the_prompt_is_ignored():
+    prompt = encode("put it in") + ANCHOR + encode("}")
+    seq = prompt + encode(" no box here")
+    positions = find_answer_positions(torch.tensor([seq]), torch.tensor([len(prompt)]), tiny_tokenizer())
+    assert positions.tolist() == [-1]
+
+
+def test_anchor_on_the_last_token_gives_no_position():
+    prompt = encode("q?")
+    seq = prompt + encode(" a") + ANCHOR
+    positions = find_answer_positions(torch.tensor([seq]), torch.tensor([len(prompt)]), tiny_tokenizer())
+    assert positions.tolist() == [-1]
+
+
+def test_right_padded_rows_use_their_own_end():
+    prompt = encode("q?")
+    long_row = prompt + encode(" the answer is 12 + 3 = 15") + ANCHOR + encode("15}")
+    short_row = prompt + ANCHOR  # anchor is the last real token: nothing to read after it
+    mid_row = prompt + ANCHOR + encode("4}")
+    batch = right_pad([long_row, short_row, mid_row])
+    positions = find_answer_positions(batch, torch.tensor([len(prompt)] * 3), tiny_tokenizer())
+    assert positions.tolist() == [len(long_row) - len(encode("15}")) - 1, -1, len(prompt) + len(ANCHOR) - 1]
+
+
+def test_attention_mask_sets_the_row_end():
+    prompt = encode("q?")
+    seq = prompt + ANCHOR + encode("4}")
+    mask = torch.ones(1, len(seq), dtype=torch.long)
+    mask[0, len(prompt) + len(ANCHOR) :] = 0  # the answer token lies beyond the end
+    positions = find_answer_positions(torch.tensor([seq]), torch.tensor([len(prompt)]), tiny_tokenizer(), attention_mask=mask)
+    assert positions.tolist() == [-1]
+
+
+def test_fallback_finds_the_brace_after_a_boxed_token_when_the_exact_ids_are_absent():
+    # In running text "\boxed{" tokenizes as ' \\', 'boxed', '{' -- not the ids of the bare anchor.
+    prompt = encode("q?")
+    response = encode(" so the answer is \\boxed{42}.")
+    assert ANCHOR not in [response[i : i + len(ANCHOR)] for i in range(len(response))]
+    texts = [tiny_tokenizer().decode([t]) for t in response]
+    expected = len(prompt) + texts.index("{")
+    positions = find_answer_positions(torch.tensor([prompt + response]), torch.tensor([len(prompt)]), tiny_tokenizer())
+    assert positions.tolist() == [expected]
+
+
+def test_fallback_gives_up_when_no_brace_follows_within_ten_tokens():
+    prompt = encode("q?")
+    response = encode(" boxed") + encode(" 1") * 11 + encode("{2}")
+    positions = find_answer_positions(torch.tensor([prompt + response]), torch.tensor([len(prompt)]), tiny_tokenizer())
+    assert positions.tolist() == [-1]
+
+
+def test_no_box_gives_minus_one():
+    prompt = encode("q?")
+    seq = prompt + encode(" the answer is 4.")
+    positions = find_answer_positions(torch.tensor([seq]), torch.tensor([len(prompt)]), tiny_tokenizer())
+    assert positions.tolist() == [-1]
+
+
+def reference_features(model, sequences, attention_mask, positions, num_layers):
+    """What the spec defines, computed the expensive way through output_hidden_states."""
+    with torch.no_grad():
+        hidden = model(input_ids=sequences, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+    lm_head = model.get_output_embeddings()
+    rows = torch.arange(len(sequences))
+    target = sequences[rows, positions + 1]
+    k = min(num_layers, len(hidden) - 1)
+    values = [lm_head(h[rows, positions])[rows, target] for h in hidden[-k:]]  # last entry is already normed
+    return torch.stack(values, dim=1).float()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("num_layers", [2, 14])
+def test_features_equal_logit_lens_of_output_hidden_states(arch, num_layers):
+    model = tiny_model(arch, num_layers=4)
+    prompt = encode("what is 3 + 4?")
+    rows = [prompt + encode(" x") + ANCHOR + encode("7}"), prompt + encode(" 3 + 4 = 7 so") + ANCHOR + encode("7}.")]
+    sequences = right_pad(rows)
+    attention_mask = (sequences != tiny_tokenizer().pad_token_id).long()
+    positions = find_answer_positions(sequences, torch.tensor([len(prompt)] * 2), tiny_tokenizer())
+    assert (positions >= 0).all()
+
+    features = layer_logit_features(model, sequences, attention_mask, positions, num_layers=num_layers)
+
+    expected = reference_features(model, sequences, attention_mask, positions, num_layers)
+    assert features.dtype == torch.float32
+    assert features.shape == (2, min(num_layers, 4))
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_last_feature_is_the_models_own_output_logit():
+    model = tiny_model("qwen2")
+    prompt = encode("q?")
+    seq = torch.tensor([prompt + ANCHOR + encode("5}")])
+    position = len(prompt) + len(ANCHOR) - 1
+    features = layer_logit_features(model, seq, torch.ones_like(seq), torch.tensor([position]))
+    with torch.no_grad():
+        logits = model(input_ids=seq).logits
+    assert features[0, -1].item() == pytest.approx(logits[0, position, seq[0, position + 1]].item(), abs=1e-5)
+
+
+def test_rows_without_position_are_nan():
+    model = tiny_model("qwen2")
+    seq = right_pad([encode("q? no box at all"), encode("q?") + ANCHOR + encode("5}.")])
+    mask = (seq != tiny_tokenizer().pad_token_id).long()
+    features = layer_logit_features(model, seq, mask, torch.tensor([-1, len(encode("q?")) + len(ANCHOR) - 1]))
+    assert torch.isnan(features[0]).all() and torch.isfinite(features[1]).all()
+
+
+def test_hooks_are_removed_even_when_the_forward_raises():
+    model = tiny_model("qwen2")
+    seq = torch.tensor([encode("q?") + ANCHOR + encode("5}")])
+
+    def fail(module, args):
+        raise RuntimeError("out of memory")
+
+    model.model.norm.register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        layer_logit_features(model, seq, torch.ones_like(seq), torch.tensor([len(encode("q?")) + len(ANCHOR) - 1]))
+    assert all(len(block._forward_hooks) == 0 for block in model.model.layers)
