@@ -37,7 +37,9 @@ def main():
 
     rng = np.random.default_rng(0)
     modes = 5.0 * rng.standard_normal((args.prompts, 4, args.layers))  # 4 error modes per question
-    memory = ErrorMemory(MEDSConfig(num_layers=args.layers, max_per_memory=args.max_per_memory, cluster_jobs=args.cluster_jobs))
+    memory = ErrorMemory(
+        MEDSConfig(num_layers=args.layers, max_per_memory=args.max_per_memory, cluster_jobs=args.cluster_jobs)
+    )
     for _ in range(args.epochs):
         memory.update(*synthetic_step(rng, args.prompts, args.rollouts, args.layers, modes))
     times = []

@@ -76,7 +76,9 @@ def decoder_parts(model: torch.nn.Module):
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
     blocks, norm = getattr(decoder, "layers", None), getattr(decoder, "norm", None)
     if blocks is None or norm is None or lm_head is None:
-        raise ValueError(f"{type(model).__name__} has no decoder .layers/.norm and lm_head: MEDS cannot read its layers")
+        raise ValueError(
+            f"{type(model).__name__} has no decoder .layers/.norm and lm_head: MEDS cannot read its layers"
+        )
     return blocks, norm, lm_head
 
 

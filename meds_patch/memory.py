@@ -190,6 +190,8 @@ class ErrorMemory:
         for key, ok, vectors, labels in zip(state["keys"], state["correct"], state["vectors"], state["labels"]):
             vectors, labels = np.asarray(vectors, dtype=np.float32), np.asarray(labels, dtype=np.int64)
             if vectors.ndim != 2 or labels.shape != (len(vectors),):
-                raise ValueError(f"ErrorMemory state for {key!r} has vectors {vectors.shape} and labels {labels.shape}")
+                raise ValueError(
+                    f"ErrorMemory state for {key!r} has vectors {vectors.shape} and labels {labels.shape}"
+                )
             self.vectors[(str(key), bool(ok))] = vectors
             self.labels[(str(key), bool(ok))] = labels

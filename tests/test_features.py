@@ -59,7 +59,9 @@ def test_attention_mask_sets_the_row_end():
     seq = prompt + ANCHOR + encode("4}")
     mask = torch.ones(1, len(seq), dtype=torch.long)
     mask[0, len(prompt) + len(ANCHOR) :] = 0  # the answer token lies beyond the end
-    positions = find_answer_positions(torch.tensor([seq]), torch.tensor([len(prompt)]), tiny_tokenizer(), attention_mask=mask)
+    positions = find_answer_positions(
+        torch.tensor([seq]), torch.tensor([len(prompt)]), tiny_tokenizer(), attention_mask=mask
+    )
     assert positions.tolist() == [-1]
 
 

@@ -28,8 +28,14 @@ def hand_made(labels, vectors, **config) -> ErrorMemory:
     """A memory holding exactly these wrong vectors and labels for key 'q'."""
     memory = ErrorMemory(MEDSConfig(**config))
     memory.load_state_dict(
-        {"version": 1, "config": {}, "keys": ["q"], "correct": [False],
-         "vectors": [np.asarray(vectors, dtype=np.float32)], "labels": [np.asarray(labels)]}
+        {
+            "version": 1,
+            "config": {},
+            "keys": ["q"],
+            "correct": [False],
+            "vectors": [np.asarray(vectors, dtype=np.float32)],
+            "labels": [np.asarray(labels)],
+        }
     )
     return memory
 

@@ -36,9 +36,20 @@ def test_defaults_follow_the_reference():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("alpha", -0.1), ("alpha", float("nan")), ("beta", -1.0), ("num_layers", 0), ("knn_k", 0),
-     ("min_cluster_size", 1), ("min_samples", 0), ("target", "all"), ("noise_as_cluster", 1),
-     ("max_per_memory", 0), ("correct_threshold", float("inf")), ("num_layers", 2.5)],
+    [
+        ("alpha", -0.1),
+        ("alpha", float("nan")),
+        ("beta", -1.0),
+        ("num_layers", 0),
+        ("knn_k", 0),
+        ("min_cluster_size", 1),
+        ("min_samples", 0),
+        ("target", "all"),
+        ("noise_as_cluster", 1),
+        ("max_per_memory", 0),
+        ("correct_threshold", float("inf")),
+        ("num_layers", 2.5),
+    ],
 )
 def test_invalid_values_name_the_field_and_the_allowed_range(field, value):
     with pytest.raises(ValueError, match=rf"MEDSConfig\.{field}=.*must be"):

@@ -1,0 +1,278 @@
+"""What the patch series' inserted lines call: MEDS inside OpenRLHF 0.11.2.
+
+Flag to reward: ``add_arguments`` defines ``--meds`` and ``--algo.meds.*``; ``validate_arguments`` checks them;
+``start_capture``/``finish_capture`` read the (B, K) features in the policy's experience forward on each actor
+rank; ``attach_features`` hangs them on the controller's ``Experience``s; ``shape_rewards`` runs the error memory
+right after upstream's length penalties and subtracts the penalties; ``step_metrics``, ``memory_state`` and
+``restore_memory`` log and checkpoint it. Every entry point is a no-op unless ``--meds`` is on.
+"""
+
+import argparse
+import logging
+import math
+import time
+from dataclasses import asdict, fields
+from types import SimpleNamespace
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from meds_patch.config import TARGETS, MEDSConfig
+from meds_patch.features import AnswerHiddenStates, find_answer_positions
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ANCHOR = "\\boxed{"
+GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "rloo", "reinforce_baseline")
+CHECKPOINT_KEY = "meds_memory"
+HELP = {
+    "alpha": "penalty scale p = min(alpha*ln(n+1), beta), in reward units (double it for +-1 rewards)",
+    "beta": "penalty cap; None means 2*alpha",
+    "num_layers": "K: the last K transformer blocks whose logit of the answer token form the feature",
+    "knn_k": "nearest stored vectors (cosine) voting for a new rollout's cluster",
+    "min_cluster_size": "HDBSCAN min_cluster_size",
+    "min_samples": "HDBSCAN min_samples",
+    "target": "rollouts penalised: wrong (r - p), right or both (correct ones get r / (1 + p))",
+    "noise_as_cluster": "true: a vote for HDBSCAN noise counts the stored noise points; false: size 0",
+    "max_per_memory": "keep at most this many vectors per (question, outcome), oldest dropped; None keeps all",
+    "correct_threshold": "a rollout is correct when its score (reward if no score) is >= this",
+    "cluster_jobs": "processes for the per-question HDBSCAN fits in the controller (-1 = all cores)",
+}
+
+
+def enabled(args) -> bool:
+    """True when ``--meds`` is on; False for args built without the MEDS flags (e.g. by upstream's tests)."""
+    return bool(getattr(getattr(getattr(args, "algo", None), "meds", None), "enable", False))
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--meds`` and ``--algo.meds.<field>`` for every ``MEDSConfig`` field, plus the answer anchor."""
+    group = parser.add_argument_group("MEDS (memory-enhanced dynamic reward shaping, arXiv:2604.11297)")
+    # dest algo.meds.enable: a bare "meds" dest would collide with the algo.meds namespace in hierarchize.
+    group.add_argument("--meds", dest="algo.meds.enable", action="store_true", default=False, help="enable MEDS")
+    for field in fields(MEDSConfig):
+        kind = {"noise_as_cluster": _bool, "beta": float, "max_per_memory": int}.get(field.name, type(field.default))
+        extra = {"choices": TARGETS} if field.name == "target" else {"metavar": kind.__name__.strip("_").upper()}
+        group.add_argument(
+            f"--algo.meds.{field.name}",
+            type=kind,
+            default=field.default,
+            help=f"{HELP[field.name]} (default: {field.default})",
+            **extra,
+        )
+    group.add_argument(
+        "--algo.meds.anchor",
+        type=str,
+        default=DEFAULT_ANCHOR,
+        help=f"text whose last occurrence in the response marks the answer (default: {DEFAULT_ANCHOR})",
+    )
+
+
+def meds_config(args) -> MEDSConfig:
+    meds = vars(args.algo.meds)
+    return MEDSConfig(**{f.name: meds[f.name] for f in fields(MEDSConfig)})
+
+
+def validate_arguments(args) -> None:
+    """Fail before any Ray actor starts when the MEDS flags cannot work together with the rest."""
+    if not enabled(args):
+        changed = [f"--algo.meds.{f.name}" for f in fields(MEDSConfig) if getattr(args.algo.meds, f.name) != f.default]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} given without --meds: add --meds to enable MEDS")
+        return
+    try:
+        meds_config(args)
+    except ValueError as err:
+        raise ValueError(str(err).replace("MEDSConfig.", "--algo.meds.")) from None
+    if not args.algo.meds.anchor:
+        raise ValueError("--algo.meds.anchor must be a non-empty string")
+    if args.algo.advantage.estimator in GROUP_ESTIMATORS and args.rollout.n_samples_per_prompt < 2:
+        raise ValueError(
+            f"--meds with --algo.advantage.estimator {args.algo.advantage.estimator} needs "
+            "--rollout.n_samples_per_prompt > 1"
+        )
+    if not (args.reward.remote_url or args.train.agent_func_path or args.reward.model_name_or_path):
+        raise ValueError(
+            "--meds needs a correctness source: --reward.remote_url, --train.agent_func_path or a reward model"
+        )
+    if not (args.reward.remote_url or args.train.agent_func_path):
+        logger.warning(
+            "MEDS with a reward model: a rollout counts as correct when its reward >= --algo.meds.correct_threshold "
+            f"({args.algo.meds.correct_threshold}); make sure that threshold means something for this model"
+        )
+    if args.ckpt.disable_ds:
+        logger.warning("MEDS: --ckpt.disable_ds saves no checkpoint state, so the error memory is lost on restart")
+
+
+# ── Actor ranks: features from the experience forward ──
+
+
+def start_capture(policy, sequences: torch.Tensor, attention_mask: torch.Tensor, action_mask: torch.Tensor):
+    """Hook the last K blocks of ``policy.actor`` to keep hidden states only at each row's answer position.
+
+    Works for padded and packed (``--ds.packing_samples``) layouts; with ring attention each rank keeps the
+    positions of its own slice. Returns the capture for ``finish_capture``, or None when MEDS is off.
+    """
+    args = policy.strategy.args
+    if not enabled(args):
+        return None
+    stale = getattr(policy, "_meds_capture", None)
+    if stale is not None:  # left behind by a forward that raised
+        stale.__exit__(None, None, None)
+    batch, length = sequences.shape
+    # action_mask covers the last A - 1 transitions: token j of the response window is sequences[:, length - A + j].
+    response_start = action_mask.long().argmax(1) + length - action_mask.shape[1]
+    positions = find_answer_positions(
+        sequences, response_start, policy.tokenizer, args.algo.meds.anchor, attention_mask=attention_mask
+    )
+    rows = torch.arange(batch)
+    valid = positions >= 0
+    target = sequences.cpu()[rows, (positions + 1).clamp(max=length - 1)]
+    ring_group = policy.strategy.ring_attn_group
+    if args.ds.packing_samples:
+        # Packing keeps the attended tokens only, row after row: the packed index is a running count of the mask.
+        packed = attention_mask.cpu().flatten().long().cumsum(0) - 1
+        flat = torch.where(valid, packed[rows * length + positions.clamp(min=0)], -1)
+        num_tokens = int(attention_mask.sum())
+        if ring_group is not None:
+            ring_size = torch.distributed.get_world_size(ring_group)
+            num_tokens = math.ceil(num_tokens / ring_size)  # upstream pads the packed sequence to split it evenly
+            start = torch.distributed.get_rank(ring_group) * num_tokens
+            flat = torch.where(valid & (flat >= start) & (flat < start + num_tokens), flat - start, -1)
+    else:
+        flat = torch.where(valid, rows * length + positions, -1)
+        num_tokens = batch * length
+    capture = AnswerHiddenStates(policy.actor.model, flat, num_tokens, args.algo.meds.num_layers)
+    capture.meds = SimpleNamespace(
+        target=target, valid=valid, ring_group=ring_group if args.ds.packing_samples else None
+    )
+    policy._meds_capture = capture.__enter__()
+    return capture
+
+
+@torch.no_grad()
+def finish_capture(policy, capture: AnswerHiddenStates) -> torch.Tensor:
+    """Remove the hooks and return the (B, K) float32 features on CPU (NaN rows: no answer position)."""
+    capture.__exit__(None, None, None)
+    policy._meds_capture = None
+    values = capture.logits(capture.meds.target)
+    if capture.meds.ring_group is not None:
+        # Each position lives on exactly one ring rank: sum the ranks' shares so every duplicate rank agrees.
+        mine = (capture.flat_index >= 0).to(values.device).unsqueeze(1)
+        values = torch.where(mine, values, torch.zeros_like(values))
+        torch.distributed.all_reduce(values, group=capture.meds.ring_group)
+        values = torch.where(capture.meds.valid.to(values.device).unsqueeze(1), values, float("nan"))
+    return values.cpu()
+
+
+# ── Controller: memory, penalties, metrics, checkpoints ──
+
+
+def attach_features(samples_list: List, results: List) -> List[torch.Tensor]:
+    """Split the actor's (log-probs, features) results; the features ride on each Experience (not in info)."""
+    log_probs = []
+    for samples, (action_log_probs, features) in zip(samples_list, results):
+        samples.meds_features = features
+        log_probs.append(action_log_probs)
+    return log_probs
+
+
+def error_memory(maker):
+    """The experience maker's error memory (created on first use), so sync and async trainers share the path."""
+    if getattr(maker, "meds_memory", None) is None:
+        from meds_patch.memory import ErrorMemory
+
+        maker.meds_memory = ErrorMemory(meds_config(maker.args))
+    return maker.meds_memory
+
+
+def shape_rewards(maker, experiences: List) -> None:
+    """Apply MEDS to every rollout of the step: after length penalties, before any baseline or normalisation.
+
+    Correctness comes from ``scores`` (the dynamic-filter signal, left untouched), or from the rewards when a
+    reward model gives no scores. Records per-sample ``info["meds_penalty"]`` and the step's statistics.
+    """
+    from meds_patch.memory import prompt_key
+    from meds_patch.penalty import apply_penalties
+
+    start = time.perf_counter()
+    memory, config = error_memory(maker), meds_config(maker.args)
+    keys, outcomes, features = [], [], []
+    for exp in experiences:
+        keys += [prompt_key(p) for p in exp.prompts]
+        source = exp.scores if exp.scores is not None else exp.rewards
+        outcomes.append(source.float().reshape(-1).cpu().numpy() >= config.correct_threshold)
+        feats = getattr(exp, "meds_features", None)
+        features.append(None if feats is None else feats.float().numpy())
+    if not keys:
+        return
+    # A model with fewer than K blocks gives fewer columns; rows that came back without features are all-NaN.
+    width = next((f.shape[1] for f in features if f is not None), config.num_layers)
+    features = [np.full((len(o), width), np.nan, np.float32) if f is None else f for f, o in zip(features, outcomes)]
+    correct = np.concatenate(outcomes)
+    penalties = memory.update(keys, correct, np.concatenate(features))
+
+    offset = 0
+    for exp in experiences:
+        n = len(exp.rewards)
+        p, ok = penalties[offset : offset + n], correct[offset : offset + n]
+        shaped = apply_penalties(exp.rewards.cpu().numpy(), ok, p)
+        exp.rewards = torch.from_numpy(shaped).to(exp.rewards.device)
+        if "reward" in exp.info:  # as upstream's length penalties do, so logged rewards show the shaping
+            exp.info["reward"] = exp.rewards.clone()
+        exp.info["meds_penalty"] = torch.from_numpy(p.astype(np.float32))
+        if hasattr(exp, "meds_features"):
+            del exp.meds_features
+        offset += n
+    maker.meds_step = dict(memory.last_step, seconds=time.perf_counter() - start)
+
+
+def step_metrics(maker) -> Dict[str, float]:
+    """The step's MEDS statistics for the trainer's logs (logged as ``train/meds/*``)."""
+    step = getattr(maker, "meds_step", None)
+    if not step:
+        return {}
+    summary = error_memory(maker).summary()
+    wrong = max(step["wrong"], 1)
+    return {
+        "meds/memories": summary["memories"],
+        "meds/stored_vectors": summary["vectors"],
+        "meds/clusters": summary["clusters"],
+        "meds/penalised_wrong_share": step["penalised_wrong"] / wrong,
+        "meds/without_feature_share": step["without_feature"] / max(step["rows"], 1),
+        "meds/non_finite_features": step["non_finite"],
+        "meds/penalty_mean": step["mean_penalty"],
+        "meds/penalty_max": step["max_penalty"],
+        "meds/controller_seconds": step["seconds"],
+    }
+
+
+class MemoryCheckpoint(dict):
+    """The memory's state in checkpoint ``client_states``; a short repr because upstream logs those states."""
+
+    def __repr__(self) -> str:
+        return f"<MEDS error memory: {len(self.get('keys', []))} memories>"
+
+
+def memory_state(maker) -> MemoryCheckpoint:
+    return MemoryCheckpoint(error_memory(maker).state_dict())
+
+
+def restore_memory(maker, checkpoint_states: Dict[str, Any]) -> None:
+    """Load the memory saved with a checkpoint, if any (a checkpoint from before MEDS simply has none)."""
+    state: Optional[dict] = checkpoint_states.get(CHECKPOINT_KEY)
+    if state is None:
+        if checkpoint_states.get("global_step", 0) > 0:
+            logger.warning("MEDS: the checkpoint has no error memory; starting with an empty one")
+        return
+    error_memory(maker).load_state_dict(dict(state))
+    logger.info(f"MEDS: restored {error_memory(maker).summary()} from the checkpoint")
