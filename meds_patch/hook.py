@@ -10,6 +10,7 @@ import linecache
 import os
 import re
 import sys
+import traceback
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 SUPPORTED = "openrlhf==0.11.2"
@@ -99,8 +100,12 @@ class PatchedLoader(importlib.machinery.SourceFileLoader):
         return self.source
 
     def get_code(self, fullname):
-        # Tracebacks, pdb and inspect read lines through linecache: give them the patched text (mtime None pins it).
+        # The traceback module, pdb and inspect read lines through linecache: give them the patched text
+        # (mtime None keeps checkcache from dropping it). Python 3.11's built-in excepthook reads the file from
+        # disk instead, so route it through the traceback module, which prints the same report with true lines.
         linecache.cache[self.path] = (len(self.source), None, self.source.splitlines(keepends=True), self.path)
+        if sys.excepthook is sys.__excepthook__:
+            sys.excepthook = lambda *exc: traceback.print_exception(*exc)
         return compile(self.source, self.path, "exec", dont_inherit=True)
 
 

@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from meds_patch import find_answer_positions, layer_logit_features
-from tests.tiny import encode, tiny_model, tiny_tokenizer
+from meds_patch.demo import tiny_model, tiny_tokenizer
+
+
+def encode(text: str) -> list:
+    return tiny_tokenizer().encode(text, add_special_tokens=False)
+
 
 ANCHOR = encode("\\boxed{")
 
@@ -105,7 +110,7 @@ def reference_features(model, sequences, attention_mask, positions, num_layers):
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 @pytest.mark.parametrize("num_layers", [2, 14])
 def test_features_equal_logit_lens_of_output_hidden_states(arch, num_layers):
-    model = tiny_model(arch, num_layers=4)
+    model = tiny_model(tiny_tokenizer(), arch, num_layers=4)
     prompt = encode("what is 3 + 4?")
     rows = [prompt + encode(" x") + ANCHOR + encode("7}"), prompt + encode(" 3 + 4 = 7 so") + ANCHOR + encode("7}.")]
     sequences = right_pad(rows)
@@ -122,7 +127,7 @@ def test_features_equal_logit_lens_of_output_hidden_states(arch, num_layers):
 
 
 def test_last_feature_is_the_models_own_output_logit():
-    model = tiny_model("qwen2")
+    model = tiny_model(tiny_tokenizer(), "qwen2")
     prompt = encode("q?")
     seq = torch.tensor([prompt + ANCHOR + encode("5}")])
     position = len(prompt) + len(ANCHOR) - 1
@@ -133,7 +138,7 @@ def test_last_feature_is_the_models_own_output_logit():
 
 
 def test_rows_without_position_are_nan():
-    model = tiny_model("qwen2")
+    model = tiny_model(tiny_tokenizer(), "qwen2")
     seq = right_pad([encode("q? no box at all"), encode("q?") + ANCHOR + encode("5}.")])
     mask = (seq != tiny_tokenizer().pad_token_id).long()
     features = layer_logit_features(model, seq, mask, torch.tensor([-1, len(encode("q?")) + len(ANCHOR) - 1]))
@@ -141,7 +146,7 @@ def test_rows_without_position_are_nan():
 
 
 def test_hooks_are_removed_even_when_the_forward_raises():
-    model = tiny_model("qwen2")
+    model = tiny_model(tiny_tokenizer(), "qwen2")
     seq = torch.tensor([encode("q?") + ANCHOR + encode("5}")])
 
     def fail(module, args):
