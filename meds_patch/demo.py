@@ -245,15 +245,15 @@ def generate_rollouts(run, questions: List[tuple], generator: torch.Generator) -
     return samples
 
 
-def train_steps(run, steps: int, seed: int = 0, start_step: int = 1) -> list:
+def train_steps(run, steps: int, start_step: int = 1, seed: int = 0) -> list:
     """Run ``steps`` steps: rollouts, the real experience making with MEDS, logging and checkpoints."""
     from meds_patch import openrlhf_glue as meds
 
-    generator = torch.Generator().manual_seed(seed)
     questions = [(a, b) for a in range(5) for b in range(5) if a + b < 10][: run.args.rollout.batch_size]
     history = []
     for step in range(start_step, start_step + steps):
-        samples = generate_rollouts(run, questions, generator)
+        # Seeded per step, so a resumed run replays exactly the rollouts an uninterrupted run would see.
+        samples = generate_rollouts(run, questions, torch.Generator().manual_seed(seed * 100_003 + step))
         experiences = run.maker.make_experience_batch(samples)
         status = meds.step_metrics(run.maker)
         status["reward_mean"] = float(torch.cat([e.rewards for e in experiences]).mean())
@@ -281,7 +281,7 @@ def run_demo(steps: int = 4, save: Optional[str] = None, resume: Optional[str] =
         run.trainer.restore_best_checkpoint_state(states)
         first = states["global_step"] + 1
         print(f"resumed from {ckpt_dir} at step {first - 1}: {run.maker.meds_memory.summary()}")
-    for (status, _), step in zip(train_steps(run, steps, seed=first, start_step=first), range(first, first + steps)):
+    for (status, _), step in zip(train_steps(run, steps, start_step=first), range(first, first + steps)):
         shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in status.items())
         print(f"step {step}: {shown}")
     print(f"checkpoints in {ckpt_dir}; {time.time() - start:.1f} s")
