@@ -1,0 +1,257 @@
+"""The patched OpenRLHF path on CPU: flags, the actor's feature capture, penalties before baselines, checkpoints."""
+
+import importlib.util
+import math
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from meds_patch import find_answer_positions, layer_logit_features
+from meds_patch.demo import build, generate_rollouts, parse_train_args, train_steps
+from meds_patch.hook import upstream_root
+from meds_patch.memory import prompt_key
+
+BASE_ARGS = ["--reward.remote_url", "rule", "--rollout.n_samples_per_prompt", "4", "--rollout.batch_size", "2",
+             "--rollout.micro_batch_size", "8", "--actor.num_nodes", "1", "--actor.num_gpus_per_node", "1"]  # fmt: skip
+MEDS_ARGS = ["--meds", "--algo.meds.num_layers", "4", "--algo.advantage.estimator", "group_norm", *BASE_ARGS]
+
+
+# ── Flags ──
+
+
+def test_meds_flags_parse_into_the_algo_namespace():
+    args = parse_train_args([*MEDS_ARGS, "--algo.meds.alpha", "0.02", "--algo.meds.noise_as_cluster", "false"])
+    assert args.algo.meds.enable is True
+    assert (args.algo.meds.alpha, args.algo.meds.beta, args.algo.meds.num_layers) == (0.02, None, 4)
+    assert args.algo.meds.noise_as_cluster is False and args.algo.meds.anchor == "\\boxed{"
+
+
+def test_meds_is_off_by_default():
+    assert parse_train_args(BASE_ARGS).algo.meds.enable is False
+
+
+def test_meds_options_without_meds_are_rejected():
+    with pytest.raises(ValueError, match="--algo.meds.alpha given without --meds"):
+        parse_train_args([*BASE_ARGS, "--algo.meds.alpha", "0.2"])
+
+
+def test_invalid_meds_values_name_the_flag():
+    with pytest.raises(ValueError, match=r"--algo\.meds\.alpha=-1\.0 is invalid"):
+        parse_train_args([*MEDS_ARGS, "--algo.meds.alpha", "-1"])
+
+
+def test_meds_needs_a_correctness_source():
+    args = [a for a in MEDS_ARGS if a not in ("--reward.remote_url", "rule")]
+    with pytest.raises(ValueError, match="correctness source"):
+        parse_train_args(args)
+
+
+# ── Actor rank: features from the experience forward ──
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory, local_ray):
+    run = build(MEDS_ARGS, str(tmp_path_factory.mktemp("ckpt")))
+    samples = generate_rollouts(run, [(1, 2), (3, 4)], torch.Generator().manual_seed(0))
+    from openrlhf.trainer.ppo_utils.experience import Experience
+
+    # Make one row end without an answer, and pad rows to different lengths as the experience maker does.
+    samples[1].sequences = samples[1].sequences[:, :-6]
+    samples[1].attention_mask, samples[1].action_mask = (
+        samples[1].attention_mask[:, :-6],
+        samples[1].action_mask[:, :-6],
+    )
+    return run, Experience.concat_experiences(samples, run.tokenizer.pad_token_id)
+
+
+def expected_features(run, batch):
+    prompt_len = batch.sequences.shape[1] - batch.action_mask.shape[1] + batch.action_mask.long().argmax(1)
+    positions = find_answer_positions(batch.sequences, prompt_len, run.tokenizer, attention_mask=batch.attention_mask)
+    model = run.policy.actor.model
+    return layer_logit_features(model, batch.sequences, batch.attention_mask, positions, num_layers=4), positions
+
+
+def forward_both_ways(run, exp, packed: bool):
+    """PolicyModelActor.forward with MEDS on, then off, in the padded or packed layout."""
+    run.args.ds.packing_samples = run.policy.actor.packing_samples = packed
+    try:
+        log_probs, features = run.policy.forward(exp.sequences, exp.action_mask, exp.attention_mask)
+        run.args.algo.meds.enable = False
+        plain_log_probs = run.policy.forward(exp.sequences, exp.action_mask, exp.attention_mask)
+    finally:
+        run.args.algo.meds.enable, run.args.ds.packing_samples = True, False
+        run.policy.actor.packing_samples = False
+    assert all(len(b._forward_hooks) == 0 for b in run.policy.actor.model.model.layers)
+    torch.testing.assert_close(log_probs, plain_log_probs)  # capturing changes nothing upstream computes
+    return features
+
+
+def test_actor_forward_returns_the_core_features_for_padded_batches(batch):
+    run, exp = batch
+    features = forward_both_ways(run, exp, packed=False)
+    expected, positions = expected_features(run, exp)
+    assert positions[1] == -1 and (positions[[0] + list(range(2, len(positions)))] >= 0).all()
+    torch.testing.assert_close(features, expected, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+def test_actor_forward_reads_the_answer_token_of_each_packed_sequence(batch):
+    # The reference is output_hidden_states of the same packed forward (CPU attention does not isolate packed
+    # sequences as flash-attn's varlen kernels do, so the padded forward is no reference here).
+    run, exp = batch
+    features = forward_both_ways(run, exp, packed=True)
+    run.policy.actor.packing_samples = True
+    try:
+        with torch.no_grad():
+            _, output = run.policy.actor(
+                exp.sequences, exp.action_mask, exp.attention_mask, return_output=True, output_hidden_states=True
+            )
+    finally:
+        run.policy.actor.packing_samples = False
+    _, positions = expected_features(run, exp)
+    rows = torch.arange(len(positions))[positions >= 0]
+    length = exp.sequences.shape[1]
+    packed_index = (exp.attention_mask.flatten().cumsum(0) - 1)[rows * length + positions[rows]]
+    target = exp.sequences[rows, positions[rows] + 1]
+    lm_head = run.policy.actor.model.get_output_embeddings()
+    with torch.no_grad():
+        expected = torch.stack(
+            [lm_head(h[0, packed_index])[torch.arange(len(rows)), target] for h in output.hidden_states[-4:]], dim=1
+        )
+    torch.testing.assert_close(features[rows], expected, rtol=1e-5, atol=1e-5)
+    assert torch.isnan(features[1]).all()
+
+
+# ── Controller: penalties land on rewards before every baseline ──
+
+
+def load_module(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def makers():
+    """(patched, pristine) experience-maker modules: the pristine one is upstream's file loaded past the hook."""
+    import openrlhf.trainer.ppo_utils.experience_maker as patched
+
+    path = os.path.join(upstream_root(), "openrlhf/trainer/ppo_utils/experience_maker.py")
+    return patched, load_module("_pristine_experience_maker", path)
+
+
+def maker_for(module, estimator, meds: bool):
+    from meds_patch.config import MEDSConfig
+
+    maker = module.RemoteExperienceMaker.__new__(module.RemoteExperienceMaker)
+    maker.advantage_estimator = estimator
+    maker.kl_ctl = SimpleNamespace(value=0.0)
+    meds_ns = SimpleNamespace(enable=meds, anchor="\\boxed{", **vars(MEDSConfig(num_layers=2)))
+    args = SimpleNamespace(
+        rollout=SimpleNamespace(n_samples_per_prompt=4),
+        reward=SimpleNamespace(clip_range=(-10, 10)),
+        algo=SimpleNamespace(
+            advantage=SimpleNamespace(estimator=estimator, gamma=1.0, lambd=0.95, no_std_norm=True), meds=meds_ns
+        ),
+    )
+    maker.strategy, maker.args = SimpleNamespace(args=args), args
+    return maker
+
+
+def experiences(rewards, scores, features=None):
+    from openrlhf.trainer.ppo_utils.experience import Experience
+
+    exp = Experience(
+        index=[0, 1, 2, 3], rewards=torch.tensor(rewards), scores=torch.tensor(scores),
+        action_mask=torch.ones(4, 3), kl=torch.zeros(4, 3), values=torch.zeros(4, 3),
+        prompts=["What is 1 + 1?"] * 4, info={"reward": torch.tensor(rewards)},
+    )  # fmt: skip
+    if features is not None:
+        exp.meds_features = torch.tensor(features, dtype=torch.float32)
+    return [exp]
+
+
+@pytest.mark.parametrize("estimator", ["group_norm", "dr_grpo", "rloo", "reinforce_baseline", "gae"])
+def test_penalties_reach_rewards_before_the_baseline(makers, estimator):
+    patched, pristine = makers
+    maker = maker_for(patched, estimator, meds=True)
+    # History: three wrong answers of this question in one cluster along e0.
+    maker.meds_memory = None
+    from meds_patch.openrlhf_glue import error_memory
+
+    error_memory(maker).load_state_dict(
+        {"version": 1, "config": {}, "keys": [prompt_key("What is 1 + 1?")], "correct": [False],
+         "vectors": [np.array([[1, 0], [1, 0.01], [1, 0.02]], np.float32)], "labels": [np.array([0, 0, 0])]}
+    )  # fmt: skip
+    rewards, scores = [1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]
+    features = [[0, 1], [0, 1], [1, 0.005], [float("nan")] * 2]  # the last wrong rollout has no answer position
+    result = maker.compute_advantages_and_returns(experiences(rewards, scores, features))[0]
+
+    p = 0.1 * math.log(3 + 1)
+    reference = pristine_result = maker_for(pristine, estimator, meds=False)
+    pristine_result = reference.compute_advantages_and_returns(experiences([1.0, 1.0, -p, 0.0], scores))[0]
+    torch.testing.assert_close(result.advantages, pristine_result.advantages)
+    torch.testing.assert_close(result.returns, pristine_result.returns)
+    torch.testing.assert_close(result.info["meds_penalty"], torch.tensor([0.0, 0.0, p, 0.0]))
+    torch.testing.assert_close(result.scores, torch.tensor(scores))  # the dynamic-filter signal is untouched
+    assert not hasattr(result, "meds_features")
+
+
+@pytest.mark.parametrize("estimator", ["group_norm", "dr_grpo", "rloo", "reinforce_baseline", "gae", "reinforce"])
+def test_without_meds_the_patched_maker_equals_upstream(makers, estimator):
+    patched, pristine = makers
+    rewards, scores = [1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0]
+    ours = maker_for(patched, estimator, meds=False).compute_advantages_and_returns(experiences(rewards, scores))[0]
+    theirs = maker_for(pristine, estimator, meds=False).compute_advantages_and_returns(experiences(rewards, scores))[0]
+    for field in ("rewards", "advantages", "returns"):
+        torch.testing.assert_close(getattr(ours, field), getattr(theirs, field), rtol=0, atol=0)
+    assert ours.info.keys() == theirs.info.keys()
+
+
+def test_correctness_falls_back_to_rewards_without_scores(makers):
+    patched, _ = makers
+    maker = maker_for(patched, "group_norm", meds=True)
+    exps = experiences([1.0, 0.2, 0.0, 0.0], [0, 0, 0, 0], [[1, 0]] * 4)
+    exps[0].scores = None
+    maker.compute_advantages_and_returns(exps)
+    assert maker.meds_step["wrong"] == 3  # 0.2 < correct_threshold 0.5
+
+
+# ── Checkpoints and logs ──
+
+
+def test_resume_restores_the_memory_exactly(tmp_path, local_ray):
+    straight = build(MEDS_ARGS, str(tmp_path / "straight"))
+    train_steps(straight, 3)
+
+    first = build(MEDS_ARGS, str(tmp_path / "resumed"))
+    train_steps(first, 2)
+    resumed = build([*MEDS_ARGS, "--ckpt.load_enable"], str(tmp_path / "resumed"))
+    states = resumed.trainer.init_checkpoint_states()
+    resumed.trainer.restore_best_checkpoint_state(states)
+    assert states["global_step"] == 2
+    train_steps(resumed, 1, start_step=3)
+
+    a, b = straight.maker.meds_memory.state_dict(), resumed.maker.meds_memory.state_dict()
+    assert a["keys"] == b["keys"] and a["correct"] == b["correct"]
+    for x, y in zip(a["vectors"] + a["labels"], b["vectors"] + b["labels"]):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_step_metrics_reach_tensorboard(tmp_path, local_ray):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = build([*MEDS_ARGS, "--logger.tensorboard_dir", str(tmp_path / "tb")], str(tmp_path / "ckpt"))
+    train_steps(run, 2)
+    run.trainer.tensorboard_logger.writer.flush()
+    (log_dir,) = [os.path.join(r, "") for r, _, files in os.walk(tmp_path / "tb") if files]
+    events = EventAccumulator(log_dir)
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for name in ("memories", "stored_vectors", "clusters", "penalised_wrong_share", "without_feature_share",
+                 "penalty_mean", "penalty_max", "controller_seconds"):  # fmt: skip
+        assert f"train/meds/{name}" in tags
+    assert [e.value for e in events.Scalars("train/meds/stored_vectors")][-1] > 0
