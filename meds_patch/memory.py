@@ -168,8 +168,8 @@ class ErrorMemory:
         }
 
     def state_dict(self) -> dict:
-        """The whole memory as plain Python and numpy objects (picklable, for checkpoints)."""
-        mkeys = list(self.vectors)
+        """The whole memory as plain Python and numpy objects (picklable, for checkpoints), sorted by key."""
+        mkeys = sorted(self.vectors)
         return {
             "version": STATE_VERSION,
             "config": asdict(self.config),
@@ -195,3 +195,27 @@ class ErrorMemory:
                 )
             self.vectors[(str(key), bool(ok))] = vectors
             self.labels[(str(key), bool(ok))] = labels
+
+    @staticmethod
+    def merge_states(states: List[dict]) -> dict:
+        """One state from states of disjoint memories (e.g. shards), in the same sorted order as ``state_dict``."""
+        fields = ("keys", "correct", "vectors", "labels")
+        rows = sorted(
+            (row for state in states for row in zip(*(state[f] for f in fields))), key=lambda row: (row[0], row[1])
+        )
+        merged = {"version": STATE_VERSION, "config": states[0]["config"] if states else {}}
+        merged.update({f: [row[i] for row in rows] for i, f in enumerate(fields)})
+        return merged
+
+    @staticmethod
+    def split_state(state: dict, part_of, num_parts: int) -> List[dict]:
+        """Split a state into ``num_parts`` states; ``part_of(prompt key)`` says where each memory goes."""
+        fields = ("keys", "correct", "vectors", "labels")
+        parts = [
+            {"version": state["version"], "config": state["config"], **{f: [] for f in fields}}
+            for _ in range(num_parts)
+        ]
+        for row in zip(*(state[f] for f in fields)):
+            for f, value in zip(fields, row):
+                parts[part_of(row[0])][f].append(value)
+        return parts

@@ -70,6 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             **extra,
         )
     group.add_argument(
+        "--algo.meds.num_workers",
+        type=int,
+        default=0,
+        metavar="INT",
+        help="spread the error memory over this many Ray CPU actors by question (default: 0, in the controller)",
+    )
+    group.add_argument(
         "--algo.meds.anchor",
         type=str,
         default=DEFAULT_ANCHOR,
@@ -95,6 +102,8 @@ def validate_arguments(args) -> None:
         raise ValueError(str(err).replace("MEDSConfig.", "--algo.meds.")) from None
     if not args.algo.meds.anchor:
         raise ValueError("--algo.meds.anchor must be a non-empty string")
+    if args.algo.meds.num_workers < 0:
+        raise ValueError(f"--algo.meds.num_workers={args.algo.meds.num_workers} is invalid: must be >= 0")
     if args.algo.advantage.estimator in GROUP_ESTIMATORS and args.rollout.n_samples_per_prompt < 2:
         raise ValueError(
             f"--meds with --algo.advantage.estimator {args.algo.advantage.estimator} needs "
@@ -189,9 +198,15 @@ def attach_features(samples_list: List, results: List) -> List[torch.Tensor]:
 def error_memory(maker):
     """The experience maker's error memory (created on first use), so sync and async trainers share the path."""
     if getattr(maker, "meds_memory", None) is None:
-        from meds_patch.memory import ErrorMemory
+        workers = getattr(maker.args.algo.meds, "num_workers", 0)
+        if workers > 0:
+            from meds_patch.sharded import ShardedErrorMemory
 
-        maker.meds_memory = ErrorMemory(meds_config(maker.args))
+            maker.meds_memory = ShardedErrorMemory(meds_config(maker.args), workers)
+        else:
+            from meds_patch.memory import ErrorMemory
+
+            maker.meds_memory = ErrorMemory(meds_config(maker.args))
     return maker.meds_memory
 
 

@@ -9,6 +9,6 @@ install_stand_ins()  # vLLM and flash-attn's CUDA extension cannot be installed 
 def local_ray():
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

@@ -1,0 +1,104 @@
+"""The error memory spread over Ray actors by prompt key, for runs that outgrow one controller process.
+
+Memories of different questions never interact, so each shard runs the plain ``ErrorMemory`` on its own keys and
+the results are exactly those of one in-process memory. Ray restarts a shard that dies; the shard then gets back
+the state of the last checkpoint (saved or restored through this object) and the step is retried once.
+"""
+
+import uuid
+import zlib
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import ray
+
+from meds_patch.config import MEDSConfig
+from meds_patch.memory import ErrorMemory
+
+COUNTS = ("rows", "without_feature", "non_finite", "stored", "penalised", "wrong", "penalised_wrong")
+
+
+def shard_of(key: str, num_shards: int) -> int:
+    """A stable shard for a prompt key: the same in every process and across restarts (unlike ``hash``)."""
+    return zlib.crc32(key.encode("utf-8")) % num_shards
+
+
+class MemoryShard(ErrorMemory):
+    """A shard actor's memory. ``run`` also returns the step statistics (saving a round trip) and an id of this
+    incarnation of the actor, so the caller notices a restart even when Ray replays a call on the new actor."""
+
+    def __init__(self, config: MEDSConfig):
+        super().__init__(config)
+        self.incarnation = uuid.uuid4().hex
+
+    def run(self, method: str, *args):
+        return getattr(self, method)(*args), self.last_step, self.incarnation
+
+
+class ShardedErrorMemory:
+    """``ErrorMemory``'s interface over ``num_workers`` Ray actors (one CPU each, spread over the cluster)."""
+
+    def __init__(self, config: MEDSConfig, num_workers: int):
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self.config = config
+        shard_class = ray.remote(num_cpus=1, max_restarts=-1, scheduling_strategy="SPREAD")(MemoryShard)
+        self.shards = [shard_class.remote(config) for _ in range(num_workers)]
+        self.incarnations: List[Optional[str]] = [None] * num_workers
+        self.restore_points: List[Optional[ray.ObjectRef]] = [None] * num_workers
+        self.last_step: Dict[str, float] = {}
+
+    def _call(self, index: int, method: str, *args, ref: Optional[ray.ObjectRef] = None):
+        """Run ``method`` on a shard. If the shard died or restarted, load its last checkpoint state into the new
+        actor and run the call again (a restarted actor starts empty)."""
+        for _ in range(2):
+            try:
+                result, step, incarnation = ray.get(ref or self.shards[index].run.remote(method, *args))
+            except ray.exceptions.RayActorError:
+                incarnation = None
+            if incarnation is not None and self.incarnations[index] in (None, incarnation):
+                self.incarnations[index] = incarnation
+                return result, step
+            if self.restore_points[index] is not None:
+                ray.get(self.shards[index].load_state_dict.remote(self.restore_points[index]))
+            self.incarnations[index], ref = None, None
+        raise RuntimeError(f"MEDS memory shard {index} failed twice in a row")
+
+    def update(self, keys: Sequence[str], correct: Sequence[bool], features: np.ndarray) -> np.ndarray:
+        correct, features = np.asarray(correct), np.asarray(features, dtype=np.float32)
+        if len(keys) != len(correct) or len(keys) != len(features):
+            raise ValueError(f"update needs N keys, N outcomes and N feature rows; got {len(keys)}, "
+                             f"{len(correct)} and {len(features)}")  # fmt: skip
+        if any(not isinstance(k, str) for k in keys):
+            raise ValueError("keys must be str prompt keys")
+        owner = np.array([shard_of(k, len(self.shards)) for k in keys], dtype=np.int64)
+        jobs = {}
+        for index in np.unique(owner):
+            rows = np.flatnonzero(owner == index)
+            args = ([keys[r] for r in rows], correct[rows], features[rows])
+            jobs[index] = (rows, args, self.shards[index].run.remote("update", *args))  # all shards at once
+        penalties = np.zeros(len(keys), dtype=np.float64)
+        self.last_step = dict.fromkeys(COUNTS, 0)
+        for index, (rows, args, ref) in jobs.items():
+            penalties[rows], step = self._call(index, "update", *args, ref=ref)
+            for name in COUNTS:
+                self.last_step[name] += step.get(name, 0)
+        self.last_step["mean_penalty"] = float(penalties.mean()) if len(keys) else 0.0
+        self.last_step["max_penalty"] = float(penalties.max()) if len(keys) else 0.0
+        return penalties
+
+    def summary(self) -> Dict[str, float]:
+        parts = [self._call(i, "summary")[0] for i in range(len(self.shards))]
+        return {name: sum(part[name] for part in parts) for name in parts[0]}
+
+    def state_dict(self) -> dict:
+        """The merged state, identical to an in-process memory's; also the shards' restore point."""
+        parts = [self._call(i, "state_dict")[0] for i in range(len(self.shards))]
+        self.restore_points = [ray.put(part) for part in parts]
+        return ErrorMemory.merge_states(parts)
+
+    def load_state_dict(self, state: dict) -> None:
+        parts = ErrorMemory.split_state(state, lambda key: shard_of(key, len(self.shards)), len(self.shards))
+        self.restore_points = [ray.put(part) for part in parts]
+        for index, ref in enumerate(self.restore_points):
+            self._call(index, "load_state_dict", ref)

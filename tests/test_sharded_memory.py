@@ -1,0 +1,70 @@
+"""--algo.meds.num_workers: the memory spread over Ray actors gives exactly the in-process results."""
+
+import numpy as np
+import pytest
+
+from meds_patch import ErrorMemory, MEDSConfig
+from meds_patch.sharded import ShardedErrorMemory, shard_of
+
+
+def steps(seed: int, count: int = 3, rows: int = 96):
+    rng = np.random.default_rng(seed)
+    keys = [f"question {i % 12}" for i in range(rows)]
+    for _ in range(count):
+        yield keys, rng.random(rows) < 0.4, rng.standard_normal((rows, 6)).astype(np.float32)
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a["keys"] == b["keys"] and a["correct"] == b["correct"]
+    for x, y in zip(a["vectors"] + a["labels"], b["vectors"] + b["labels"]):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_shards_split_the_questions():
+    owners = {shard_of(f"question {i}", 2) for i in range(12)}
+    assert owners == {0, 1} and shard_of("question 3", 2) == shard_of("question 3", 2)
+
+
+def test_sharded_memory_gives_the_in_process_penalties_and_state(local_ray):
+    local, sharded = ErrorMemory(MEDSConfig()), ShardedErrorMemory(MEDSConfig(), num_workers=2)
+    for keys, correct, features in steps(0):
+        np.testing.assert_array_equal(local.update(keys, correct, features), sharded.update(keys, correct, features))
+        assert sharded.last_step == pytest.approx(local.last_step)
+    assert sharded.summary() == local.summary()
+    assert_same_state(local.state_dict(), sharded.state_dict())
+
+
+def test_sharded_memory_restores_a_checkpoint_state(local_ray):
+    local = ErrorMemory(MEDSConfig())
+    for batch in steps(1):
+        local.update(*batch)
+    sharded = ShardedErrorMemory(MEDSConfig(), num_workers=2)
+    sharded.load_state_dict(local.state_dict())
+    assert_same_state(local.state_dict(), sharded.state_dict())
+    for batch in steps(2, count=1):
+        np.testing.assert_array_equal(local.update(*batch), sharded.update(*batch))
+
+
+def test_a_dead_shard_comes_back_with_the_last_checkpoint(local_ray):
+    sharded, reference = ShardedErrorMemory(MEDSConfig(), num_workers=2), ErrorMemory(MEDSConfig())
+    batches = list(steps(3, count=3))
+    for batch in batches[:2]:
+        sharded.update(*batch)
+        reference.update(*batch)
+    checkpoint = sharded.state_dict()  # what a checkpoint save takes
+    local_ray.kill(sharded.shards[0], no_restart=False)
+    penalties = sharded.update(*batches[2])
+    np.testing.assert_array_equal(penalties, reference.update(*batches[2]))
+    restored = ErrorMemory(MEDSConfig())
+    restored.load_state_dict(checkpoint)
+    restored.update(*batches[2])
+    assert_same_state(restored.state_dict(), sharded.state_dict())
+
+
+def test_a_checkpoint_after_a_shard_restart_still_holds_the_restored_memory(local_ray):
+    sharded = ShardedErrorMemory(MEDSConfig(), num_workers=2)
+    for batch in steps(4, count=2):
+        sharded.update(*batch)
+    checkpoint = sharded.state_dict()
+    local_ray.kill(sharded.shards[1], no_restart=False)
+    assert_same_state(checkpoint, sharded.state_dict())
