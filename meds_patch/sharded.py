@@ -5,6 +5,7 @@ the results are exactly those of one in-process memory. Ray restarts a shard tha
 the state of the last checkpoint (saved or restored through this object) and the step is retried once.
 """
 
+import time
 import uuid
 import zlib
 from typing import Dict, List, Optional, Sequence
@@ -15,6 +16,7 @@ import ray
 from meds_patch.config import MEDSConfig
 from meds_patch.memory import ErrorMemory
 
+RESTART_TIMEOUT_S = 300
 COUNTS = ("rows", "without_feature", "non_finite", "stored", "penalised", "wrong", "penalised_wrong")
 
 
@@ -49,20 +51,23 @@ class ShardedErrorMemory:
         self.last_step: Dict[str, float] = {}
 
     def _call(self, index: int, method: str, *args, ref: Optional[ray.ObjectRef] = None):
-        """Run ``method`` on a shard. If the shard died or restarted, load its last checkpoint state into the new
-        actor and run the call again (a restarted actor starts empty)."""
-        for _ in range(2):
+        """Run ``method`` on a shard. A restarted actor starts empty: before it answers anything, load the last
+        checkpoint state into it and run the call again. Waits up to RESTART_TIMEOUT_S for Ray to restart it."""
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while True:
             try:
                 result, step, incarnation = ray.get(ref or self.shards[index].run.remote(method, *args))
-            except ray.exceptions.RayActorError:
-                incarnation = None
-            if incarnation is not None and self.incarnations[index] in (None, incarnation):
+                if self.incarnations[index] in (None, incarnation):
+                    self.incarnations[index] = incarnation
+                    return result, step
+                if self.restore_points[index] is not None:
+                    ray.get(self.shards[index].run.remote("load_state_dict", self.restore_points[index]))
                 self.incarnations[index] = incarnation
-                return result, step
-            if self.restore_points[index] is not None:
-                ray.get(self.shards[index].load_state_dict.remote(self.restore_points[index]))
-            self.incarnations[index], ref = None, None
-        raise RuntimeError(f"MEDS memory shard {index} failed twice in a row")
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+            ref = None
 
     def update(self, keys: Sequence[str], correct: Sequence[bool], features: np.ndarray) -> np.ndarray:
         correct, features = np.asarray(correct), np.asarray(features, dtype=np.float32)
