@@ -32,14 +32,11 @@ def main():
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-per-memory", type=int, default=None)
-    parser.add_argument("--cluster-jobs", type=int, default=1)
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
     modes = 5.0 * rng.standard_normal((args.prompts, 4, args.layers))  # 4 error modes per question
-    memory = ErrorMemory(
-        MEDSConfig(num_layers=args.layers, max_per_memory=args.max_per_memory, cluster_jobs=args.cluster_jobs)
-    )
+    memory = ErrorMemory(MEDSConfig(num_layers=args.layers, max_per_memory=args.max_per_memory))
     for _ in range(args.epochs):
         memory.update(*synthetic_step(rng, args.prompts, args.rollouts, args.layers, modes))
     times = []
@@ -51,7 +48,7 @@ def main():
     summary = memory.summary()
     print(
         f"prompts={args.prompts} rollouts={args.rollouts} K={args.layers} history_epochs={args.epochs} "
-        f"max_per_memory={args.max_per_memory} cluster_jobs={args.cluster_jobs}: median controller time per step {statistics.median(times):.3f} s "
+        f"max_per_memory={args.max_per_memory}: median controller time per step {statistics.median(times):.3f} s "
         f"({summary['memories']} memories, {summary['vectors']} vectors, {summary['clusters']} clusters)"
     )
 

@@ -18,7 +18,6 @@ class MEDSConfig:
     noise_as_cluster: bool = True  # a noise vote counts the stored noise points; False gives size 0
     max_per_memory: Optional[int] = None  # cap per memory, oldest dropped first; None keeps everything
     correct_threshold: float = 0.5  # score >= threshold counts as correct
-    cluster_jobs: int = 1  # processes for the per-memory HDBSCAN fits (joblib; -1 = all cores); same results
 
     def __post_init__(self):
         def check(ok: bool, name: str, allowed: str):
@@ -39,7 +38,6 @@ class MEDSConfig:
             "None or an integer >= 1",
         )
         check(_is_real(self.correct_threshold), "correct_threshold", "a finite number")
-        check(_is_int(self.cluster_jobs) and self.cluster_jobs != 0, "cluster_jobs", "a non-zero integer")
 
     @property
     def penalty_cap(self) -> float:

@@ -1,6 +1,7 @@
 """Per-question memory of past answers' features, clustered with HDBSCAN (MEDS_SPEC.md §2-3)."""
 
 import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
 import re
 import warnings
 from dataclasses import asdict
@@ -8,7 +9,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import hdbscan
 import numpy as np
-from joblib import Parallel, delayed, effective_n_jobs
 
 from meds_patch.config import MEDSConfig
 from meds_patch.penalty import penalty_term
@@ -48,10 +48,6 @@ def cluster_labels(vectors: np.ndarray, config: MEDSConfig) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def cluster_all(memories: List[np.ndarray], config: MEDSConfig) -> List[np.ndarray]:
-    return [cluster_labels(vectors, config) for vectors in memories]
-
-
 class ErrorMemory:
     """The MEDS memory: for each (question, outcome) the features of past rollouts and their cluster labels.
 
@@ -62,8 +58,18 @@ class ErrorMemory:
     def __init__(self, config: Optional[MEDSConfig] = None):
         self.config = config or MEDSConfig()
         self.vectors: Dict[MemoryKey, np.ndarray] = {}
-        self.labels: Dict[MemoryKey, np.ndarray] = {}
         self.last_step: Dict[str, float] = {}
+        self._labels: Dict[MemoryKey, np.ndarray] = {}
+        self._refit: Optional[Future] = None  # the last update's re-clustering, running in the background
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meds-hdbscan")
+
+    @property
+    def labels(self) -> Dict[MemoryKey, np.ndarray]:
+        """Each memory's labels from its last clustering (waits for a re-clustering still in progress)."""
+        if self._refit is not None:
+            refit, self._refit = self._refit, None
+            self._labels.update(refit.result())
+        return self._labels
 
     def update(self, keys: Sequence[str], correct: Sequence[bool], features: np.ndarray) -> np.ndarray:
         """Return the penalty term p >= 0 of each row and add the rows to the memory.
@@ -110,15 +116,12 @@ class ErrorMemory:
             sizes[members] = self._cluster_sizes(mkey, features[members])
             self._append(mkey, features[members])
             touched.append(mkey)
-        # The fits are independent: spread them over processes when asked (same labels either way).
-        jobs = min(len(touched), effective_n_jobs(self.config.cluster_jobs))
-        chunks = [[self.vectors[m] for m in touched[i::jobs]] for i in range(jobs)]
-        if jobs <= 1:
-            results = [cluster_all(chunk, self.config) for chunk in chunks]
-        else:  # one task per process: per-task overhead would eat the gain on small memories
-            results = Parallel(n_jobs=jobs)(delayed(cluster_all)(chunk, self.config) for chunk in chunks)
-        for i, labels in enumerate(results):
-            self.labels.update(zip(touched[i::jobs], labels))
+        # The new labels are read only at each memory's next visit, so fit them off the critical path: the
+        # trainer's PPO update runs meanwhile, and ``labels`` waits for the fits if they are still running.
+        snapshot = [(m, self.vectors[m]) for m in touched]
+        self.labels  # collect the previous step's fits first (normally long done)
+        if snapshot:
+            self._refit = self._executor.submit(lambda: {m: cluster_labels(v, self.config) for m, v in snapshot})
 
         penalties[rows] = penalty_term(sizes[rows], self.config.alpha, self.config.penalty_cap)
         self.last_step = {
@@ -186,7 +189,8 @@ class ErrorMemory:
         lengths = {len(state[f]) for f in ("keys", "correct", "vectors", "labels")}
         if len(lengths) != 1:
             raise ValueError("ErrorMemory state is inconsistent: keys, correct, vectors and labels differ in length")
-        self.vectors, self.labels = {}, {}
+        self.labels  # let a running re-clustering finish before its memories are replaced
+        self.vectors, self._labels = {}, {}
         for key, ok, vectors, labels in zip(state["keys"], state["correct"], state["vectors"], state["labels"]):
             vectors, labels = np.asarray(vectors, dtype=np.float32), np.asarray(labels, dtype=np.int64)
             if vectors.ndim != 2 or labels.shape != (len(vectors),):
@@ -194,7 +198,7 @@ class ErrorMemory:
                     f"ErrorMemory state for {key!r} has vectors {vectors.shape} and labels {labels.shape}"
                 )
             self.vectors[(str(key), bool(ok))] = vectors
-            self.labels[(str(key), bool(ok))] = labels
+            self._labels[(str(key), bool(ok))] = labels
 
     @staticmethod
     def merge_states(states: List[dict]) -> dict:

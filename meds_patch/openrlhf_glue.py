@@ -37,7 +37,6 @@ HELP = {
     "noise_as_cluster": "true: a vote for HDBSCAN noise counts the stored noise points; false: size 0",
     "max_per_memory": "keep at most this many vectors per (question, outcome), oldest dropped; None keeps all",
     "correct_threshold": "a rollout is correct when its score (reward if no score) is >= this",
-    "cluster_jobs": "processes for the per-question HDBSCAN fits in the controller (-1 = all cores)",
 }
 
 

@@ -243,14 +243,3 @@ def test_prompt_key_collapses_whitespace_runs():
 def test_prompt_key_rejects_non_text():
     with pytest.raises(TypeError, match="str"):
         prompt_key(12)
-
-
-def test_parallel_clustering_gives_the_same_penalties_and_labels():
-    rng = np.random.default_rng(5)
-    serial, parallel = ErrorMemory(), ErrorMemory(MEDSConfig(cluster_jobs=2))
-    keys = [f"q{i % 7}" for i in range(70)]
-    for _ in range(3):
-        correct, feats = rng.random(70) < 0.4, rng.standard_normal((70, 5)).astype(np.float32)
-        np.testing.assert_array_equal(serial.update(keys, correct, feats), parallel.update(keys, correct, feats))
-    assert serial.labels.keys() == parallel.labels.keys()
-    assert all((serial.labels[k] == parallel.labels[k]).all() for k in serial.labels)

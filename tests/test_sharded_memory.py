@@ -1,5 +1,7 @@
 """--algo.meds.num_workers: the memory spread over Ray actors gives exactly the in-process results."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -18,6 +20,21 @@ def assert_same_state(a: dict, b: dict):
     assert a["keys"] == b["keys"] and a["correct"] == b["correct"]
     for x, y in zip(a["vectors"] + a["labels"], b["vectors"] + b["labels"]):
         np.testing.assert_array_equal(x, y)
+
+
+def kill_and_wait_for_restart(ray, sharded, index: int) -> None:
+    """Kill a shard and return once Ray has restarted it (a fresh, empty actor answers)."""
+    old = ray.get(sharded.shards[index].run.remote("summary"))[2]
+    ray.kill(sharded.shards[index], no_restart=False)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if ray.get(sharded.shards[index].run.remote("summary"))[2] != old:
+                return
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("the shard was not restarted")
 
 
 def test_shards_split_the_questions():
@@ -52,7 +69,7 @@ def test_a_dead_shard_comes_back_with_the_last_checkpoint(local_ray):
         sharded.update(*batch)
         reference.update(*batch)
     checkpoint = sharded.state_dict()  # what a checkpoint save takes
-    local_ray.kill(sharded.shards[0], no_restart=False)
+    kill_and_wait_for_restart(local_ray, sharded, 0)
     penalties = sharded.update(*batches[2])
     np.testing.assert_array_equal(penalties, reference.update(*batches[2]))
     restored = ErrorMemory(MEDSConfig())
@@ -66,5 +83,5 @@ def test_a_checkpoint_after_a_shard_restart_still_holds_the_restored_memory(loca
     for batch in steps(4, count=2):
         sharded.update(*batch)
     checkpoint = sharded.state_dict()
-    local_ray.kill(sharded.shards[1], no_restart=False)
+    kill_and_wait_for_restart(local_ray, sharded, 1)
     assert_same_state(checkpoint, sharded.state_dict())

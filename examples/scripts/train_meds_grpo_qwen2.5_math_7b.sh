@@ -17,9 +17,9 @@ RESPONSE_MAX_LEN="${RESPONSE_MAX_LEN:-3072}"
 MICRO_ROLLOUT_BATCH_SIZE="${MICRO_ROLLOUT_BATCH_SIZE:-8}"
 MICRO_TRAIN_BATCH_SIZE="${MICRO_TRAIN_BATCH_SIZE:-4}"
 RUN_BASE="qwen2.5-math-7b-grpo"
-# GRPO differs from the DAPO recipe only by having no dynamic filtering: all-right and all-wrong groups stay (with
-# zero advantage) and, unlike with DAPO, enter the MEDS memory. §5 lists clip-higher among the shared settings;
-# EPS_CLIP_HIGH=0.2 gives GRPO's symmetric clip.
+# GRPO differs from the DAPO recipe only in having no dynamic filtering: all-right and all-wrong groups are kept
+# and enter the MEDS memory (with MEDS an all-wrong group's advantages come from its penalties alone). §5 lists
+# clip-higher among the shared settings; EPS_CLIP_HIGH=0.2 gives GRPO's symmetric clip.
 ALGO_ARGS=(
     --algo.advantage.estimator group_norm
     --actor.eps_clip_low_high 0.2 "${EPS_CLIP_HIGH:-0.28}"
@@ -43,7 +43,7 @@ NUM_NODES="${NUM_NODES:-1}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 VLLM_TP="${VLLM_TP:-1}"
 VLLM_GPU_MEMORY="${VLLM_GPU_MEMORY:-0.6}"
-MEDS_CLUSTER_JOBS="${MEDS_CLUSTER_JOBS:-8}"
+MEDS_NUM_WORKERS="${MEDS_NUM_WORKERS:-0}"
 
 # ── Paper settings (MEDS_SPEC.md §5) ──
 ROLLOUT_BATCH_SIZE=512 # prompts per step
@@ -56,7 +56,7 @@ TRAIN_BATCH_SIZE="${TRAIN_BATCH_SIZE:-512}"
 MAX_LEN=$((PROMPT_MAX_LEN + RESPONSE_MAX_LEN))
 # 10 warm-up steps. 0.11.2 takes a warm-up *ratio* of a horizon that uses every prompt once per episode,
 # N * 16 / TRAIN_BATCH_SIZE * episodes optimizer steps, so 10 steps of 512 prompts is 10 * 512 / (N * episodes)
-# for any TRAIN_BATCH_SIZE. N: the lines of a local JSONL dataset, else NUM_PROMPTS (about 23k for this data).
+# for any TRAIN_BATCH_SIZE. N: the lines of a local JSONL dataset, else NUM_PROMPTS (default: an estimate, 23k).
 WARMUP_STEPS=10
 if [[ -z "${NUM_PROMPTS:-}" ]]; then
     if [[ -f "$DATASET" ]]; then NUM_PROMPTS=$(wc -l <"$DATASET"); else NUM_PROMPTS=23000; fi
@@ -69,10 +69,10 @@ PROMPT_TEMPLATE="${INPUT_TEMPLATE:-$PROMPT_TEMPLATE}"
 
 MEDS_ARGS=()
 if [[ $MEDS == 1 ]]; then
-    # Reference MEDS: wrong rollouts penalised, beta = 2 * alpha (its default), K = 14 layers. The per-question
-    # HDBSCAN fits run in the driver process; cluster_jobs spreads them over processes (same results).
+    # Reference MEDS: wrong rollouts penalised, beta = 2 * alpha (its default), K = 14 layers. The error memory
+    # lives in the driver; MEDS_NUM_WORKERS > 0 spreads it over that many Ray CPU actors (identical results).
     MEDS_ARGS=(--meds --algo.meds.alpha "$ALPHA" --algo.meds.num_layers 14 --algo.meds.target wrong
-        --algo.meds.cluster_jobs "$MEDS_CLUSTER_JOBS")
+        --algo.meds.num_workers "$MEDS_NUM_WORKERS")
 fi
 LOG_ARGS=(--logger.tensorboard_dir "$SAVE_DIR/tensorboard" --logger.wandb.run_name "$RUN_NAME")
 if [[ -n "${WANDB_API_KEY:-}" ]]; then
