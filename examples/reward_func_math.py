@@ -17,37 +17,15 @@ can hang ``verify``: on ``\\boxed{9^{9^{9^{9}}}}`` it did not finish within a mi
 big-integer arithmetic holding the GIL, the whole process stalls, not just its thread.
 """
 
-import re
 import threading
 
 import torch
 from math_verify import parse, verify
 from math_verify.errors import TimeoutException
 
-_BOX_OPENING = re.compile(r"\\(?:boxed|fbox)\s*\{")
+from meds_patch.metrics import last_boxed_answer
+
 _TIMEOUT_SECONDS = 5
-
-
-def last_boxed_content(text):
-    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``, or None if absent or left unclosed."""
-    openings = list(_BOX_OPENING.finditer(text))
-    if not openings:
-        return None
-    start = openings[-1].end()
-    depth, i = 1, start
-    while i < len(text):
-        char = text[i]
-        if char == "\\":  # skip the escaped character, so \{ and \} do not count as braces
-            i += 2
-            continue
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:i]
-        i += 1
-    return None
 
 
 def _is_correct(answer, label):
@@ -64,7 +42,7 @@ def reward_func(queries, prompts, labels, **kwargs):
     rewards, boxed_found = [], []
     for query, prompt, label in zip(queries, prompts, labels, strict=True):
         response = query[len(prompt) :] if query.startswith(prompt) else query
-        answer = last_boxed_content(response)
+        answer = last_boxed_answer(response)
         boxed_found.append(float(answer is not None))
         rewards.append(float(answer is not None and _is_correct(answer, label)))
     rewards = torch.tensor(rewards, dtype=torch.float32)

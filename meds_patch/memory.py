@@ -58,6 +58,8 @@ class ErrorMemory:
     def __init__(self, config: Optional[MEDSConfig] = None):
         self.config = config or MEDSConfig()
         self.vectors: Dict[MemoryKey, np.ndarray] = {}
+        self.arrivals: Dict[MemoryKey, np.ndarray] = {}  # the update (1, 2, ...) that stored each vector
+        self.updates = 0
         self.last_step: Dict[str, float] = {}
         self._labels: Dict[MemoryKey, np.ndarray] = {}
         self._refit: Optional[Future] = None  # the last update's re-clustering, running in the background
@@ -79,6 +81,7 @@ class ErrorMemory:
         not stored either (with target "wrong", correct rollouts need no memory).
         """
         n = len(keys)
+        self.updates += 1
         if n == 0 and np.size(features) == 0 and np.size(correct) == 0:
             self.last_step = {}
             return np.zeros(0, dtype=np.float64)
@@ -156,11 +159,12 @@ class ErrorMemory:
         return sizes
 
     def _append(self, mkey: MemoryKey, new: np.ndarray) -> None:
-        stored = self.vectors.get(mkey)
-        vectors = new.copy() if stored is None else np.concatenate([stored, new])
+        stored = self.vectors.get(mkey, np.zeros((0, new.shape[1]), np.float32))
+        arrivals = np.concatenate([self.arrivals.get(mkey, np.zeros(0, np.int64)), np.full(len(new), self.updates)])
+        vectors = np.concatenate([stored, new])
         if self.config.max_per_memory is not None:
-            vectors = vectors[-self.config.max_per_memory :]
-        self.vectors[mkey] = vectors
+            vectors, arrivals = vectors[-self.config.max_per_memory :], arrivals[-self.config.max_per_memory :]
+        self.vectors[mkey], self.arrivals[mkey] = vectors, arrivals
 
     def summary(self) -> Dict[str, float]:
         """Size of the whole memory: memories, stored vectors and clusters (noise excluded)."""
@@ -180,6 +184,8 @@ class ErrorMemory:
             "correct": [c for _, c in mkeys],
             "vectors": [self.vectors[m] for m in mkeys],
             "labels": [self.labels[m] for m in mkeys],
+            "arrivals": [self.arrivals[m] for m in mkeys],
+            "updates": self.updates,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -190,35 +196,40 @@ class ErrorMemory:
         if len(lengths) != 1:
             raise ValueError("ErrorMemory state is inconsistent: keys, correct, vectors and labels differ in length")
         self.labels  # let a running re-clustering finish before its memories are replaced
-        self.vectors, self._labels = {}, {}
-        for key, ok, vectors, labels in zip(state["keys"], state["correct"], state["vectors"], state["labels"]):
+        self.vectors, self._labels, self.arrivals = {}, {}, {}
+        self.updates = int(state.get("updates", 0))
+        arrivals = state.get("arrivals") or [None] * len(state["keys"])  # hand-made states may leave them out
+        for key, ok, vectors, labels, arrived in zip(
+            state["keys"], state["correct"], state["vectors"], state["labels"], arrivals
+        ):
             vectors, labels = np.asarray(vectors, dtype=np.float32), np.asarray(labels, dtype=np.int64)
-            if vectors.ndim != 2 or labels.shape != (len(vectors),):
+            arrived = np.zeros(len(vectors), np.int64) if arrived is None else np.asarray(arrived, dtype=np.int64)
+            if vectors.ndim != 2 or labels.shape != (len(vectors),) or arrived.shape != (len(vectors),):
                 raise ValueError(
                     f"ErrorMemory state for {key!r} has vectors {vectors.shape} and labels {labels.shape}"
                 )
-            self.vectors[(str(key), bool(ok))] = vectors
-            self._labels[(str(key), bool(ok))] = labels
+            mkey = (str(key), bool(ok))
+            self.vectors[mkey], self._labels[mkey], self.arrivals[mkey] = vectors, labels, arrived
 
     @staticmethod
     def merge_states(states: List[dict]) -> dict:
         """One state from states of disjoint memories (e.g. shards), in the same sorted order as ``state_dict``."""
-        fields = ("keys", "correct", "vectors", "labels")
+        fields = ("keys", "correct", "vectors", "labels", "arrivals")
         rows = sorted(
             (row for state in states for row in zip(*(state[f] for f in fields))), key=lambda row: (row[0], row[1])
         )
         merged = {"version": STATE_VERSION, "config": states[0]["config"] if states else {}}
+        merged["updates"] = max((state.get("updates", 0) for state in states), default=0)
         merged.update({f: [row[i] for row in rows] for i, f in enumerate(fields)})
         return merged
 
     @staticmethod
     def split_state(state: dict, part_of, num_parts: int) -> List[dict]:
         """Split a state into ``num_parts`` states; ``part_of(prompt key)`` says where each memory goes."""
-        fields = ("keys", "correct", "vectors", "labels")
-        parts = [
-            {"version": state["version"], "config": state["config"], **{f: [] for f in fields}}
-            for _ in range(num_parts)
-        ]
+        fields = ("keys", "correct", "vectors", "labels", "arrivals")
+        head = {"version": state["version"], "config": state["config"], "updates": state.get("updates", 0)}
+        parts = [{**head, **{f: [] for f in fields}} for _ in range(num_parts)]
+        state = dict(state, arrivals=state.get("arrivals") or [None] * len(state["keys"]))
         for row in zip(*(state[f] for f in fields)):
             for f, value in zip(fields, row):
                 parts[part_of(row[0])][f].append(value)

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_ANCHOR = "\\boxed{"
 GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "rloo", "reinforce_baseline")
 CHECKPOINT_KEY = "meds_memory"
+PROMPT_SNIPPET = 300  # characters of each question kept for reports
 HELP = {
     "alpha": "penalty scale p = min(alpha*ln(n+1), beta), in reward units (double it for +-1 rewards)",
     "beta": "penalty cap; None means 2*alpha",
@@ -216,13 +217,17 @@ def shape_rewards(maker, experiences: List) -> None:
     reward model gives no scores. Records per-sample ``info["meds_penalty"]`` and the step's statistics.
     """
     from meds_patch.memory import prompt_key
+    from meds_patch.metrics import wrong_answer_diversity
     from meds_patch.penalty import apply_penalties
 
     start = time.perf_counter()
     memory, config = error_memory(maker), meds_config(maker.args)
-    keys, outcomes, features = [], [], []
+    keys, outcomes, features, answers = [], [], [], []
+    prompts = maker.__dict__.setdefault("meds_prompts", {})  # key -> question text, for reports
     for exp in experiences:
         keys += [prompt_key(p) for p in exp.prompts]
+        prompts.update(zip(keys[-len(exp.prompts) :], (p[:PROMPT_SNIPPET] for p in exp.prompts)))
+        answers += final_answers(maker.tokenizer, exp)
         source = exp.scores if exp.scores is not None else exp.rewards
         outcomes.append(source.float().reshape(-1).cpu().numpy() >= config.correct_threshold)
         feats = getattr(exp, "meds_features", None)
@@ -247,7 +252,25 @@ def shape_rewards(maker, experiences: List) -> None:
         if hasattr(exp, "meds_features"):
             del exp.meds_features
         offset += n
-    maker.meds_step = dict(memory.last_step, seconds=time.perf_counter() - start)
+    diversity = wrong_answer_diversity(keys, correct, answers)
+    maker.meds_step = dict(memory.last_step, **diversity, seconds=time.perf_counter() - start)
+
+
+def final_answers(tokenizer, exp) -> List[Optional[str]]:
+    """The last ``\\boxed{}`` answer of each response, from its last tokens only: decoding whole responses of a
+    paper-scale step would cost the controller seconds. A box that starts earlier gets a longer second look."""
+    from meds_patch.metrics import last_boxed_answer
+
+    answers = []
+    for sequence, mask in zip(exp.sequences, exp.attention_mask):
+        end = int(mask.sum())
+        text = tokenizer.decode(sequence[max(0, end - 48) : end], skip_special_tokens=True)
+        answer = last_boxed_answer(text)
+        if answer is None and "boxed" not in text:
+            text = tokenizer.decode(sequence[max(0, end - 1024) : end], skip_special_tokens=True)
+            answer = last_boxed_answer(text)
+        answers.append(answer)
+    return answers
 
 
 def step_metrics(maker) -> Dict[str, float]:
@@ -266,8 +289,23 @@ def step_metrics(maker) -> Dict[str, float]:
         "meds/non_finite_features": step["non_finite"],
         "meds/penalty_mean": step["mean_penalty"],
         "meds/penalty_max": step["max_penalty"],
+        "meds/wrong_answers_distinct_per_question": step["wrong_answers_distinct_per_question"],
+        "meds/wrong_questions_single_answer_share": step["wrong_questions_single_answer_share"],
         "meds/controller_seconds": step["seconds"],
     }
+
+
+def eval_metrics(args, samples_list: List, n_samples_per_prompt: int) -> Dict[str, float]:
+    """Unbiased pass@k (k = 1, 2, 4, ..., n) over the evaluation prompts, beside upstream's pass@1 and pass@n."""
+    from meds_patch.metrics import pass_at_k
+
+    rewards = [float(r) for s in samples_list for r in s.rewards.reshape(-1)]
+    n = n_samples_per_prompt
+    if not rewards or len(rewards) % n:
+        return {}
+    groups = np.asarray(rewards).reshape(-1, n) >= args.algo.meds.correct_threshold
+    ks = [2**i for i in range(int(math.log2(n)) + 1)] + ([n] if n & (n - 1) else [])
+    return {f"eval_unbiased_pass@{k}": float(np.mean([pass_at_k(n, int(c), k) for c in groups.sum(1)])) for k in ks}
 
 
 class MemoryCheckpoint(dict):
@@ -278,7 +316,9 @@ class MemoryCheckpoint(dict):
 
 
 def memory_state(maker) -> MemoryCheckpoint:
-    return MemoryCheckpoint(error_memory(maker).state_dict())
+    state = error_memory(maker).state_dict()
+    known = getattr(maker, "meds_prompts", {})
+    return MemoryCheckpoint(state, prompts={k: known[k] for k in set(state["keys"]) if k in known})
 
 
 def restore_memory(maker, checkpoint_states: Dict[str, Any]) -> None:
@@ -289,4 +329,5 @@ def restore_memory(maker, checkpoint_states: Dict[str, Any]) -> None:
             logger.warning("MEDS: the checkpoint has no error memory; starting with an empty one")
         return
     error_memory(maker).load_state_dict(dict(state))
+    maker.meds_prompts = dict(state.get("prompts", {}))
     logger.info(f"MEDS: restored {error_memory(maker).summary()} from the checkpoint")

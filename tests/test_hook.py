@@ -13,6 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATCHED = [
     "openrlhf.cli.train_ppo_ray",
     "openrlhf.trainer.ppo_trainer",
+    "openrlhf.trainer.ppo_trainer_async",
     "openrlhf.trainer.ppo_utils.experience_maker",
     "openrlhf.trainer.ray.ppo_actor",
 ]

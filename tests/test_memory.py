@@ -225,7 +225,7 @@ def test_state_dict_holds_only_plain_objects():
     memory = ErrorMemory()
     step(memory, "q", near(0, 3))
     state = memory.state_dict()
-    assert set(state) == {"version", "config", "keys", "correct", "vectors", "labels"}
+    assert set(state) == {"version", "config", "keys", "correct", "vectors", "labels", "arrivals", "updates"}
     assert state["keys"] == ["q"] and state["correct"] == [False]
     assert isinstance(state["vectors"][0], np.ndarray) and isinstance(state["config"], dict)
 
@@ -243,3 +243,12 @@ def test_prompt_key_collapses_whitespace_runs():
 def test_prompt_key_rejects_non_text():
     with pytest.raises(TypeError, match="str"):
         prompt_key(12)
+
+
+def test_each_vector_remembers_the_update_that_stored_it():
+    memory = ErrorMemory(MEDSConfig(max_per_memory=3))
+    step(memory, "q", near(0, 2))
+    step(memory, "other", near(1, 1))
+    step(memory, "q", near(0, 2, seed=1))
+    assert memory.arrivals[("q", WRONG)].tolist() == [1, 3, 3]  # capped at 3: the oldest went first
+    assert memory.state_dict()["updates"] == 3

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from meds_patch import find_answer_positions, layer_logit_features
-from meds_patch.demo import build, generate_rollouts, parse_train_args, train_steps
+from meds_patch.demo import build, generate_rollouts, parse_train_args, tiny_tokenizer, train_steps
 from meds_patch.hook import upstream_root
 from meds_patch.memory import prompt_key
 
@@ -157,15 +157,17 @@ def maker_for(module, estimator, meds: bool):
             advantage=SimpleNamespace(estimator=estimator, gamma=1.0, lambd=0.95, no_std_norm=True), meds=meds_ns
         ),
     )
-    maker.strategy, maker.args = SimpleNamespace(args=args), args
+    maker.strategy, maker.args, maker.tokenizer = SimpleNamespace(args=args), args, tiny_tokenizer()
     return maker
 
 
 def experiences(rewards, scores, features=None):
     from openrlhf.trainer.ppo_utils.experience import Experience
 
+    answers = torch.tensor([tiny_tokenizer().encode(f"so \\boxed{{{i % 2}}}") for i in range(4)])
     exp = Experience(
         index=[0, 1, 2, 3], rewards=torch.tensor(rewards), scores=torch.tensor(scores),
+        sequences=answers, attention_mask=torch.ones_like(answers),
         action_mask=torch.ones(4, 3), kl=torch.zeros(4, 3), values=torch.zeros(4, 3),
         prompts=["What is 1 + 1?"] * 4, info={"reward": torch.tensor(rewards)},
     )  # fmt: skip
@@ -220,6 +222,15 @@ def test_correctness_falls_back_to_rewards_without_scores(makers):
     assert maker.meds_step["wrong"] == 3  # 0.2 < correct_threshold 0.5
 
 
+def test_step_records_how_varied_the_wrong_answers_are(makers):
+    patched, _ = makers
+    maker = maker_for(patched, "group_norm", meds=True)
+    maker.compute_advantages_and_returns(experiences([0.0, 0.0, 0.0, 1.0], [0, 0, 0, 1], [[1, 0]] * 4))
+    # Wrong rollouts 0, 1, 2 answered 0, 1, 0: two distinct answers, not all the same.
+    assert maker.meds_step["wrong_answers_distinct_per_question"] == 2
+    assert maker.meds_step["wrong_questions_single_answer_share"] == 0
+
+
 # ── Checkpoints and logs ──
 
 
@@ -252,6 +263,33 @@ def test_step_metrics_reach_tensorboard(tmp_path, local_ray):
     events.Reload()
     tags = events.Tags()["scalars"]
     for name in ("memories", "stored_vectors", "clusters", "penalised_wrong_share", "without_feature_share",
-                 "penalty_mean", "penalty_max", "controller_seconds"):  # fmt: skip
+                 "penalty_mean", "penalty_max", "controller_seconds", "wrong_answers_distinct_per_question",
+                 "wrong_questions_single_answer_share"):  # fmt: skip
         assert f"train/meds/{name}" in tags
     assert [e.value for e in events.Scalars("train/meds/stored_vectors")][-1] > 0
+
+
+# ── Evaluation ──
+
+
+def test_evaluation_logs_unbiased_pass_at_k_beside_upstreams(tmp_path):
+    from openrlhf.trainer.ppo_trainer import PPOTrainer
+    from openrlhf.trainer.ppo_utils.experience import Experience
+
+    args = parse_train_args([*MEDS_ARGS, "--ckpt.path", str(tmp_path)])
+    trainer_class = PPOTrainer.__ray_metadata__.modified_class
+    trainer = trainer_class.__new__(trainer_class)
+    rewards = [1, 0, 0, 0, 1, 1, 0, 0]  # two questions, 4 samples each: c = 1 and c = 2
+    samples = [Experience(prompts=[f"q{i // 4}"], rewards=torch.tensor([float(r)])) for i, r in enumerate(rewards)]
+    trainer.args, trainer.eval_dataloader = args, [(["math"] * 2, ["q0", "q1"], ["1", "2"], [None, None])]
+    trainer.samples_generator = SimpleNamespace(generate_eval_samples=lambda **kw: samples)
+    trainer.wandb_logger = trainer.tensorboard_logger = None
+
+    logs = trainer.evaluate(1, n_samples_per_prompt=4)
+
+    assert logs["eval_math_pass1"] == pytest.approx(0.375) and logs["eval_math_pass4"] == pytest.approx(1.0)
+    assert logs["eval_unbiased_pass@1"] == pytest.approx((0.25 + 0.5) / 2)
+    assert logs["eval_unbiased_pass@2"] == pytest.approx(((1 - 3 / 6) + (1 - 1 / 6)) / 2)
+    assert logs["eval_unbiased_pass@4"] == pytest.approx(1.0)
+    args.algo.meds.enable = False
+    assert not any("unbiased" in k for k in trainer.evaluate(1, n_samples_per_prompt=4))

@@ -71,15 +71,6 @@ def test_boxed_with_space_and_fbox():
     assert score("\\fbox{7}", "7") == 1.0
 
 
-def test_last_boxed_content_extraction():
-    extract = reward_func_math.last_boxed_content
-    assert extract("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
-    assert extract("\\boxed{\\{1, 2\\}}") == "\\{1, 2\\}"
-    assert extract("\\boxed{\\left\\{ x \\right.}") == "\\left\\{ x \\right."
-    assert extract("\\boxed{3} then \\boxed{\\frac{1}{2") is None
-    assert extract("no box here") is None
-
-
 @pytest.mark.parametrize(
     "response",
     [

@@ -1,0 +1,271 @@
+"""CPU cost of reading MEDS answer-token features during the trainer's log-prob forward.
+
+A random Qwen2-shaped model (28 blocks; hidden/vocab ratio of Qwen2.5-7B; GQA; sdpa; float32) runs the forward that
+OpenRLHF's experience maker runs (logits.float(), then next-token log-probs) in three variants:
+
+    plain          the trainer's forward alone
+    hooks          the same forward inside meds_patch.features.AnswerHiddenStates (one answer position per row),
+                   then .logits(targets): hidden states are kept only at p, the LM head runs on B x K vectors
+    hidden_states  the forward with output_hidden_states=True (every layer's (B, T, H) states kept, as the
+                   authors' code does), then the same logit lens at p of the last K states
+
+Each variant runs in its own process (this script re-invokes itself with --variant), `--rounds` times interleaved.
+Reported: median wall time of forward + log-probs + features, and the peak RSS the forward adds over the RSS after
+building the model and inputs (VmHWM, reset after the build). Every variant is checked to compute the same log-probs,
+and hooks and hidden_states the same features. Linux only (reads /proc/self).
+
+    python bench/feature_overhead.py [--layers 28 --hidden 512 --vocab 21760 --batch 4 --seq 256 --k 14]
+                                     [--repeats 5 --rounds 3] [--quick] [--out FILE]
+"""
+
+import argparse
+import gc
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = ("plain", "hooks", "hidden_states")
+RESULTS = Path(__file__).resolve().parent / "results"
+QUICK = dict(layers=16, hidden=64, intermediate=176, heads=4, kv_heads=2, vocab=2720, batch=2, seq=64)
+QUICK.update(repeats=2, rounds=1, threads=1)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--hidden", type=int, default=512)
+    # 2.75 x hidden; Qwen2.5-7B itself has 18944 / 3584 = 5.3 x (use --intermediate 2688 for that, ~2x slower).
+    parser.add_argument("--intermediate", type=int, default=1408)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=21760)  # 512 / 21760 ~ 3584 / 152064
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--k", type=int, default=14)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per child (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes for a smoke test")
+    parser.add_argument("--out", type=Path, default=None, help="JSON results (default bench/results/...)")
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # set on the child processes
+    args = parser.parse_args()
+    if args.quick:
+        parser.set_defaults(**QUICK)  # flags given explicitly still win
+        args = parser.parse_args()
+    if args.out is None:
+        args.out = RESULTS / ("feature_overhead_quick.json" if args.quick else "feature_overhead.json")
+    return args
+
+
+# ---------------------------------------------------------------- child: one variant in a fresh process
+# torch, transformers and meds_patch are imported in the child-side functions only, so that the parent starts fast.
+
+
+def proc_status_kib(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def reset_peak_rss():
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+def build(args):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(args.seed)
+    config = Qwen2Config(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        vocab_size=args.vocab,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq))
+    mask = torch.ones_like(ids)
+    position_ids = mask.cumsum(-1) - 1  # as OpenRLHF's Actor.forward builds them
+    position_ids.masked_fill_(mask == 0, 1)
+    rows = torch.arange(args.batch)
+    positions = torch.randint(args.seq // 2, args.seq - 1, (args.batch,))  # p + 1 stays inside the row
+    batch = dict(
+        ids=ids,
+        mask=mask,
+        position_ids=position_ids,
+        rows=rows,
+        positions=positions,
+        targets=ids[rows, positions + 1],
+        flat_index=rows * args.seq + positions,
+    )
+    return model, batch
+
+
+def next_token_log_probs(logits, ids):
+    """OpenRLHF's log_probs_from_logits on fp32 logits without flash-attn: gather minus a chunked logsumexp."""
+    import torch
+
+    labels = torch.roll(ids, shifts=-1, dims=1)
+    flat = logits.reshape(-1, logits.shape[-1])
+    logsumexp = torch.cat([torch.logsumexp(chunk, dim=-1) for chunk in flat.split(1024)])
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logsumexp.view(labels.shape)
+
+
+def step(variant, model, batch, k):
+    """One trainer forward + log-probs (+ features); returns log-probs, (B, K) features, the model's own logit."""
+    import torch
+
+    from meds_patch.features import AnswerHiddenStates
+
+    def forward(**kwargs):
+        out = model(batch["ids"], attention_mask=batch["mask"], position_ids=batch["position_ids"], **kwargs)
+        logits = out.logits.float()
+        return out, logits, next_token_log_probs(logits, batch["ids"])
+
+    features = None
+    if variant == "hooks":
+        with AnswerHiddenStates(model, batch["flat_index"], batch["ids"].numel(), k) as captured:
+            out, logits, log_probs = forward()
+        features = captured.logits(batch["targets"])
+    elif variant == "hidden_states":
+        out, logits, log_probs = forward(output_hidden_states=True)
+        rows, positions = batch["rows"], batch["positions"]
+        # transformers stores the last block's output with the final norm already applied: no norm here.
+        states = [hidden[rows, positions] for hidden in out.hidden_states[-k:]]
+        lens = model.lm_head(torch.stack(states, dim=1))
+        features = lens.gather(-1, batch["targets"].view(-1, 1, 1).expand(-1, k, 1)).squeeze(-1).float()
+    else:
+        out, logits, log_probs = forward()
+    own = logits[batch["rows"], batch["positions"], batch["targets"]]
+    return log_probs, features, own
+
+
+def run_child(args):
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, batch = build(args)
+    gc.collect()
+    baseline_kib = proc_status_kib("VmRSS")
+    # Without the reset, the peak would still hold model construction. It is read from VmHWM: ru_maxrss also
+    # carries the parent's peak over the vfork + exec that started this process.
+    reset_peak_rss()
+    times = []
+    with torch.no_grad():
+        for i in range(args.repeats + 1):  # the first one warms up
+            start = time.perf_counter()
+            log_probs, features, own = step(args.variant, model, batch, args.k)
+            if i:
+                times.append(time.perf_counter() - start)
+    peak_kib = proc_status_kib("VmHWM")
+    return dict(
+        variant=args.variant,
+        threads=torch.get_num_threads(),
+        times_s=times,
+        median_s=statistics.median(times),
+        baseline_rss_mib=baseline_kib / 1024,
+        peak_rss_mib=peak_kib / 1024,
+        forward_peak_mib=(peak_kib - baseline_kib) / 1024,
+        ru_maxrss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        log_prob_sum=float(log_probs.double().sum()),
+        own_logit=own.tolist(),
+        features=None if features is None else features.tolist(),
+    )
+
+
+# ---------------------------------------------------------------- parent: launch children, check, summarise
+
+
+def launch(variant):
+    command = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--variant", variant]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def collect(process):
+    stdout, stderr = process.communicate()
+    if process.returncode:
+        sys.exit(f"child {process.args[-1]} failed ({process.returncode}):\n{stderr}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def check_equal_work(runs):
+    """Every variant did the same forward; hooks and hidden_states read the same features."""
+    close = lambda a, b: math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-4)  # noqa: E731
+    first = {run["variant"]: run for run in reversed(runs)}
+    for run in runs:
+        assert close(run["log_prob_sum"], first["plain"]["log_prob_sum"]), f"{run['variant']} log-probs differ"
+    for variant in ("hooks", "hidden_states"):
+        for row, own in zip(first[variant]["features"], first[variant]["own_logit"]):
+            assert close(row[-1], own), f"{variant}: last-layer feature {row[-1]} != model logit {own}"
+    pairs = list(zip(sum(first["hooks"]["features"], []), sum(first["hidden_states"]["features"], [])))
+    worst = max(abs(a - b) for a, b in pairs)
+    assert all(close(a, b) for a, b in pairs), f"hooks and hidden_states features differ by up to {worst}"
+    return worst
+
+
+def summarise(runs):
+    summary = {}
+    for variant in VARIANTS:
+        mine = [run for run in runs if run["variant"] == variant]
+        summary[variant] = dict(
+            median_s=statistics.median(run["median_s"] for run in mine),
+            forward_peak_mib=statistics.median(run["forward_peak_mib"] for run in mine),
+            baseline_rss_mib=statistics.median(run["baseline_rss_mib"] for run in mine),
+        )
+    return summary
+
+
+def table(summary):
+    plain = summary["plain"]
+    lines = [
+        "| variant | median forward time (s) | time vs plain | peak forward memory (MiB) | memory vs plain |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for variant, row in summary.items():
+        extra = row["forward_peak_mib"] - plain["forward_peak_mib"]
+        lines.append(
+            f"| {variant} | {row['median_s']:.3f} | {100 * (row['median_s'] / plain['median_s'] - 1):+.1f}% "
+            f"| {row['forward_peak_mib']:.1f} | {extra:+.1f} MiB ({100 * extra / plain['forward_peak_mib']:+.1f}%) |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    args = parse_args()
+    if args.variant:
+        print(json.dumps(run_child(args)))
+        return
+    runs = []
+    for _ in range(args.rounds):
+        if args.quick:  # the smoke test's timings mean nothing: run its children side by side, one thread each
+            runs += [collect(process) for process in [launch(variant) for variant in VARIANTS]]
+        else:
+            runs += [collect(launch(variant)) for variant in VARIANTS]
+    worst = check_equal_work(runs)
+    summary = summarise(runs)
+    shape = {key: value for key, value in vars(args).items() if key not in ("variant", "out")}
+    print(f"shape: {shape}, torch threads: {runs[0]['threads']}")
+    print(f"features: hooks == hidden_states (max |diff| {worst:.2e}); last layer == the model's own logit\n")
+    print(table(summary))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(config=shape, summary=summary, runs=runs), indent=1) + "\n")
+    print(f"\nraw results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

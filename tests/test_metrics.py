@@ -1,0 +1,61 @@
+"""Collapse metrics: the final answer, the diversity of wrong answers, unbiased pass@k."""
+
+import pytest
+
+from meds_patch.metrics import last_boxed_answer, pass_at_k, wrong_answer_diversity
+
+
+def test_last_box_wins_and_nested_braces_match():
+    assert last_boxed_answer("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
+
+
+def test_escaped_braces_do_not_count():
+    assert last_boxed_answer("\\boxed{\\{1, 2\\}}") == "\\{1, 2\\}"
+    assert last_boxed_answer("\\boxed{\\left\\{ x \\right.}") == "\\left\\{ x \\right."
+
+
+def test_an_unclosed_last_box_or_no_box_gives_none():
+    assert last_boxed_answer("\\boxed{3} then \\boxed{\\frac{1}{2") is None
+    assert last_boxed_answer("no box here") is None
+
+
+def test_fbox_and_a_space_before_the_brace_are_boxes():
+    assert last_boxed_answer("\\fbox{7}") == "7" and last_boxed_answer("\\boxed {8}") == "8"
+
+
+def test_wrong_answer_diversity_counts_distinct_wrong_answers_per_question():
+    keys = ["a", "a", "a", "a", "b", "b", "b", "c"]
+    correct = [False, False, False, True, False, False, True, True]
+    answers = ["3", "3 ", "4", "5", "7", "7", "8", "9"]
+    stats = wrong_answer_diversity(keys, correct, answers)
+    # a: wrong {3, 4} -> 2 distinct; b: wrong {7} -> 1 (all the same); c has no wrong rollout.
+    assert stats["wrong_answers_distinct_per_question"] == pytest.approx(1.5)
+    assert stats["wrong_questions_single_answer_share"] == pytest.approx(0.5)
+
+
+def test_missing_answers_count_as_one_answer():
+    stats = wrong_answer_diversity(["a", "a"], [False, False], [None, None])
+    assert stats == {"wrong_answers_distinct_per_question": 1.0, "wrong_questions_single_answer_share": 1.0}
+
+
+def test_no_wrong_rollouts_gives_zeros():
+    assert wrong_answer_diversity(["a"], [True], ["1"])["wrong_answers_distinct_per_question"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "n, c, k, expected",
+    [
+        (4, 0, 1, 0.0),
+        (4, 1, 1, 0.25),
+        (4, 2, 2, 1 - 1 / 6),
+        (4, 1, 4, 1.0),
+        (16, 3, 4, 1 - (13 * 12 * 11 * 10) / (16 * 15 * 14 * 13)),
+    ],
+)
+def test_pass_at_k_is_one_minus_the_chance_that_k_draws_miss(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_pass_at_k_rejects_impossible_counts():
+    with pytest.raises(ValueError, match="pass@k"):
+        pass_at_k(4, 5, 1)
