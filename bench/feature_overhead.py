@@ -14,7 +14,7 @@ Reported: median wall time of forward + log-probs + features, and the peak RSS t
 building the model and inputs (VmHWM, reset after the build). Every variant is checked to compute the same log-probs,
 and hooks and hidden_states the same features. Linux only (reads /proc/self).
 
-    python bench/feature_overhead.py [--layers 28 --hidden 512 --vocab 21760 --batch 4 --seq 256 --k 14]
+    python bench/feature_overhead.py [--layers 28 --hidden 512 --vocab 21760 --batch 4 --seq 512 --k 14]
                                      [--repeats 5 --rounds 3] [--quick] [--out FILE]
 """
 
@@ -45,7 +45,7 @@ def parse_args():
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=21760)  # 512 / 21760 ~ 3584 / 152064
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--k", type=int, default=14)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)

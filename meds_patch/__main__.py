@@ -1,4 +1,4 @@
-"""Commands: ``python -m meds_patch diff | install-hook | demo``."""
+"""Commands: ``python -m meds_patch diff | install-hook | demo | report``."""
 
 import argparse
 import difflib
@@ -49,11 +49,19 @@ def main(argv=None) -> int:
     demo.add_argument("--steps", type=int, default=4)
     demo.add_argument("--save", default=None, help="checkpoint directory to write the memory to")
     demo.add_argument("--resume", default=None, help="checkpoint directory to restore the memory from")
+    report = sub.add_parser("report", help="summarise a checkpoint's error memory as Markdown and PNG plots")
+    report.add_argument("checkpoint", help="--ckpt.path of a run, its _actor folder, or one checkpoint tag folder")
+    report.add_argument("--out", default=None, help="output folder (default: <checkpoint>/meds_report)")
     args = parser.parse_args(argv)
     if args.command == "diff":
         return print_diff()
     if args.command == "install-hook":
         return install_hook()
+    if args.command == "report":
+        from meds_patch.report import write_report
+
+        print(write_report(args.checkpoint, args.out))
+        return 0
     from meds_patch.demo import run_demo
 
     return run_demo(args.steps, args.save, args.resume)
