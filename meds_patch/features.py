@@ -1,5 +1,6 @@
 """Layer-wise logits at the answer token (MEDS_SPEC.md §1), read from a forward pass the trainer already runs."""
 
+import functools
 from typing import Optional
 
 import torch
@@ -55,18 +56,28 @@ def find_answer_positions(
         last_hit = length - width - hits.flip(1).long().argmax(1)
         positions = torch.where(hits.any(1), last_hit + width - 1, positions)
 
-    for row in torch.nonzero(positions < 0).flatten().tolist():
-        ids = seq[row, start[row] : end[row]].tolist()
-        texts = tokenizer.batch_decode([[i] for i in ids])
-        boxed = [j for j, text in enumerate(texts) if "boxed" in text]
-        if boxed:
-            window = range(boxed[-1], min(boxed[-1] + FALLBACK_WINDOW + 1, len(ids)))
-            brace = next((j for j in window if "{" in texts[j]), None)
-            if brace is not None:
-                positions[row] = int(start[row]) + brace
+    missing = positions < 0
+    if missing.any():
+        # Fallback, vectorised over the batch: which vocabulary entries decode to text containing "boxed" or "{".
+        has_boxed, has_brace = _vocabulary_flags(tokenizer)
+        known = seq < len(has_boxed)  # a model's vocabulary can be padded beyond the tokenizer's
+        ids = torch.where(known, seq, 0)
+        boxed = has_boxed[ids] & known & in_response & missing[:, None]
+        last_boxed = length - 1 - boxed.flip(1).long().argmax(1)
+        window = (cols[None, :] >= last_boxed[:, None]) & (cols[None, :] <= last_boxed[:, None] + FALLBACK_WINDOW)
+        brace = has_brace[ids] & known & in_response & window & boxed.any(1, keepdim=True)
+        positions = torch.where(brace.any(1), brace.long().argmax(1), positions)
 
     # The answer token p + 1 must exist.
     return torch.where(positions + 1 < end, positions, torch.full_like(positions, -1))
+
+
+@functools.lru_cache(maxsize=8)
+def _vocabulary_flags(tokenizer) -> tuple:
+    """Per token id: does its decoded text contain "boxed", does it contain "{". Decoding the vocabulary once
+    beats decoding every response token of every rollout (thousands per row) on each forward."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return torch.tensor(["boxed" in t for t in texts]), torch.tensor(["{" in t for t in texts])
 
 
 def decoder_parts(model: torch.nn.Module):

@@ -81,6 +81,15 @@ def test_fallback_finds_the_brace_after_a_boxed_token_when_the_exact_ids_are_abs
     assert positions.tolist() == [expected]
 
 
+def test_exact_and_fallback_rows_mix_in_one_batch():
+    prompt = encode("q?")
+    exact = prompt + encode(" x =") + ANCHOR + encode("3}")
+    running = prompt + encode(" so the answer is \\boxed{42}.")
+    texts = [tiny_tokenizer().decode([t]) for t in running]
+    positions = find_answer_positions(right_pad([exact, running]), torch.tensor([len(prompt)] * 2), tiny_tokenizer())
+    assert positions.tolist() == [len(prompt) + len(encode(" x =")) + len(ANCHOR) - 1, texts.index("{")]
+
+
 def test_fallback_gives_up_when_no_brace_follows_within_ten_tokens():
     prompt = encode("q?")
     response = encode(" boxed") + encode(" 1") * 11 + encode("{2}")
