@@ -11,7 +11,8 @@ OpenRLHF's experience maker runs (logits.float(), then next-token log-probs) in 
 
 Each variant runs in its own process (this script re-invokes itself with --variant), `--rounds` times interleaved.
 Reported: median wall time of forward + log-probs + features, and the peak RSS the forward adds over the RSS after
-building the model and inputs (VmHWM, reset after the build). Every variant is checked to compute the same log-probs,
+building the model and inputs and one warm-up step (VmHWM, reset then), taken from one more process per variant in
+which glibc returns all freed memory at once (see `launch`). Every variant is checked to compute the same log-probs,
 and hooks and hidden_states the same features. Linux only (reads /proc/self).
 
     python bench/feature_overhead.py [--layers 28 --hidden 512 --vocab 21760 --batch 4 --seq 512 --k 14]
@@ -22,6 +23,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -33,6 +35,7 @@ VARIANTS = ("plain", "hooks", "hidden_states")
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK = dict(layers=16, hidden=64, intermediate=176, heads=4, kv_heads=2, vocab=2720, batch=2, seq=64)
 QUICK.update(repeats=2, rounds=1, threads=1)
+MMAP_THRESHOLD = 64 * 1024
 
 
 def parse_args():
@@ -133,7 +136,7 @@ def step(variant, model, batch, k):
 
     def forward(**kwargs):
         out = model(batch["ids"], attention_mask=batch["mask"], position_ids=batch["position_ids"], **kwargs)
-        logits = out.logits.float()
+        out["logits"] = logits = out["logits"].float()  # as upstream (a no-op in float32)
         return out, logits, next_token_log_probs(logits, batch["ids"])
 
     features = None
@@ -160,28 +163,31 @@ def run_child(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     model, batch = build(args)
-    gc.collect()
-    baseline_kib = proc_status_kib("VmRSS")
-    # Without the reset, the peak would still hold model construction. It is read from VmHWM: ru_maxrss also
-    # carries the parent's peak over the vfork + exec that started this process.
-    reset_peak_rss()
-    times = []
+    built_kib = proc_status_kib("VmRSS")
     with torch.no_grad():
-        for i in range(args.repeats + 1):  # the first one warms up
+        step(args.variant, model, batch, args.k)  # warm-up; what it allocates once and keeps counts as baseline
+        gc.collect()
+        baseline_kib = proc_status_kib("VmRSS")
+        # Without the reset, the peak would still hold model construction. It is read from VmHWM: ru_maxrss also
+        # carries the parent's peak over the vfork + exec that started this process.
+        reset_peak_rss()
+        times = []
+        for _ in range(args.repeats):
             start = time.perf_counter()
             log_probs, features, own = step(args.variant, model, batch, args.k)
-            if i:
-                times.append(time.perf_counter() - start)
+            times.append(time.perf_counter() - start)
     peak_kib = proc_status_kib("VmHWM")
     return dict(
         variant=args.variant,
         threads=torch.get_num_threads(),
         times_s=times,
         median_s=statistics.median(times),
+        built_rss_mib=built_kib / 1024,
         baseline_rss_mib=baseline_kib / 1024,
         peak_rss_mib=peak_kib / 1024,
         forward_peak_mib=(peak_kib - baseline_kib) / 1024,
         ru_maxrss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         log_prob_sum=float(log_probs.double().sum()),
         own_logit=own.tolist(),
         features=None if features is None else features.tolist(),
@@ -191,9 +197,16 @@ def run_child(args):
 # ---------------------------------------------------------------- parent: launch children, check, summarise
 
 
-def launch(variant):
-    command = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--variant", variant]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def launch(variant, exact_memory=False):
+    """Start one child. With exact_memory, glibc serves every allocation over 64 KiB by mmap and returns it on free,
+    so RSS follows the live tensors exactly; by default its reuse of freed heap memory makes peaks vary by +-50 MiB
+    between identical runs, but the page faults of the mmap mode slow the forward by ~40%: time is measured apart."""
+    command = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD)) if exact_memory else None
+    if exact_memory:
+        command += ["--repeats", "1"]
+    command += ["--variant", variant]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def collect(process):
@@ -218,16 +231,22 @@ def check_equal_work(runs):
     return worst
 
 
-def summarise(runs):
+def summarise(timing, memory):
     summary = {}
     for variant in VARIANTS:
-        mine = [run for run in runs if run["variant"] == variant]
+        timed = [run for run in timing if run["variant"] == variant]
+        sized = [run for run in memory if run["variant"] == variant]
         summary[variant] = dict(
-            median_s=statistics.median(run["median_s"] for run in mine),
-            forward_peak_mib=statistics.median(run["forward_peak_mib"] for run in mine),
-            baseline_rss_mib=statistics.median(run["baseline_rss_mib"] for run in mine),
+            median_s=statistics.median(run["median_s"] for run in timed),
+            forward_peak_mib=statistics.median(run["forward_peak_mib"] for run in sized),
+            forward_peak_mib_default_malloc=statistics.median(run["forward_peak_mib"] for run in timed),
+            baseline_rss_mib=statistics.median(run["baseline_rss_mib"] for run in sized),
         )
     return summary
+
+
+def percent(part, whole):
+    return f"{100 * part / whole:+.1f}%" if whole else "n/a"
 
 
 def table(summary):
@@ -239,8 +258,8 @@ def table(summary):
     for variant, row in summary.items():
         extra = row["forward_peak_mib"] - plain["forward_peak_mib"]
         lines.append(
-            f"| {variant} | {row['median_s']:.3f} | {100 * (row['median_s'] / plain['median_s'] - 1):+.1f}% "
-            f"| {row['forward_peak_mib']:.1f} | {extra:+.1f} MiB ({100 * extra / plain['forward_peak_mib']:+.1f}%) |"
+            f"| {variant} | {row['median_s']:.3f} | {percent(row['median_s'] - plain['median_s'], plain['median_s'])} "
+            f"| {row['forward_peak_mib']:.1f} | {extra:+.1f} MiB ({percent(extra, plain['forward_peak_mib'])}) |"
         )
     return "\n".join(lines)
 
@@ -250,14 +269,15 @@ def main():
     if args.variant:
         print(json.dumps(run_child(args)))
         return
-    runs = []
-    for _ in range(args.rounds):
-        if args.quick:  # the smoke test's timings mean nothing: run its children side by side, one thread each
-            runs += [collect(process) for process in [launch(variant) for variant in VARIANTS]]
-        else:
-            runs += [collect(launch(variant)) for variant in VARIANTS]
+    if args.quick:  # the smoke test's timings mean nothing: one set of children, side by side, one thread each
+        processes = [launch(variant, exact_memory=True) for variant in VARIANTS]
+        timing = memory = [collect(process) for process in processes]
+    else:
+        timing = [collect(launch(variant)) for _ in range(args.rounds) for variant in VARIANTS]
+        memory = [collect(launch(variant, exact_memory=True)) for variant in VARIANTS]  # deterministic: once
+    runs = timing if args.quick else timing + memory
     worst = check_equal_work(runs)
-    summary = summarise(runs)
+    summary = summarise(timing, memory)
     shape = {key: value for key, value in vars(args).items() if key not in ("variant", "out")}
     print(f"shape: {shape}, torch threads: {runs[0]['threads']}")
     print(f"features: hooks == hidden_states (max |diff| {worst:.2e}); last layer == the model's own logit\n")
