@@ -152,9 +152,10 @@ def main():
     }
     result["sharded"] = sharded_speedup(prompts, rollouts, history)
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "controller_scaling.json"), "w") as fh:
+    name = "controller_scaling_quick" if args.quick else "controller_scaling"  # a smoke run keeps the real results
+    with open(os.path.join(RESULTS, f"{name}.json"), "w") as fh:
         json.dump(result, fh, indent=1)
-    plot(result, os.path.join(RESULTS, "controller_scaling.png"))
+    plot(result, os.path.join(RESULTS, f"{name}.png"))
 
     at10 = next((r for r in history_rows if r["epoch"] == 10), history_rows[-1])
     print("\n| measure | value |\n|---|---|")

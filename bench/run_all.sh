@@ -5,5 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 python bench/feature_overhead.py "$@"
-python bench/controller_step.py
 python bench/controller_scaling.py

@@ -1,0 +1,23 @@
+"""The benchmark scripts keep working (quick mode); the figures themselves live in BENCHMARKS.md."""
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args) -> str:
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_controller_scaling_bench_prints_its_table():
+    out = run("bench/controller_scaling.py", "--quick")
+    assert "| critical path per step at 6 epochs |" in out and "Ray shards" in out
+
+
+def test_feature_overhead_bench_prints_its_table():
+    out = run("bench/feature_overhead.py", "--quick")
+    assert all(variant in out for variant in ("plain", "hooks", "hidden_states"))
