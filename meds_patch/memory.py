@@ -1,9 +1,10 @@
 """Per-question memory of past answers' features, clustered with HDBSCAN (MEDS_SPEC.md §2-3)."""
 
 import hashlib
-from concurrent.futures import Future, ThreadPoolExecutor
+import logging
 import re
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -13,6 +14,7 @@ import numpy as np
 from meds_patch.config import MEDSConfig
 from meds_patch.penalty import penalty_term
 
+logger = logging.getLogger(__name__)
 MemoryKey = Tuple[str, bool]  # (prompt key, correct)
 STATE_VERSION = 1
 
@@ -81,8 +83,8 @@ class ErrorMemory:
         not stored either (with target "wrong", correct rollouts need no memory).
         """
         n = len(keys)
-        self.updates += 1
         if n == 0 and np.size(features) == 0 and np.size(correct) == 0:
+            self.updates += 1
             self.last_step = {}
             return np.zeros(0, dtype=np.float64)
         features = np.asarray(features, dtype=np.float32)
@@ -98,6 +100,7 @@ class ErrorMemory:
         if correct.dtype != bool:
             raise ValueError(f"correct must hold bools, got dtype {correct.dtype}")
 
+        self.updates += 1
         has_feature = np.isfinite(features).all(axis=1)
         targeted = {"wrong": ~correct, "right": correct, "both": np.ones(n, dtype=bool)}[self.config.target]
         rows = np.flatnonzero(has_feature & targeted)
@@ -124,7 +127,7 @@ class ErrorMemory:
         snapshot = [(m, self.vectors[m]) for m in touched]
         self.labels  # collect the previous step's fits first (normally long done)
         if snapshot:
-            self._refit = self._executor.submit(lambda: {m: cluster_labels(v, self.config) for m, v in snapshot})
+            self._refit = self._executor.submit(self._fit_all, snapshot)
 
         penalties[rows] = penalty_term(sizes[rows], self.config.alpha, self.config.penalty_cap)
         self.last_step = {
@@ -139,6 +142,16 @@ class ErrorMemory:
             "max_penalty": float(penalties.max()) if n else 0.0,
         }
         return penalties
+
+    def _fit_all(self, snapshot: List[Tuple[MemoryKey, np.ndarray]]) -> Dict[MemoryKey, np.ndarray]:
+        labels = {}
+        for mkey, vectors in snapshot:
+            try:
+                labels[mkey] = cluster_labels(vectors, self.config)
+            except Exception as err:  # one odd memory must not stop training: its vectors count as noise
+                logger.warning(f"MEDS: HDBSCAN failed on memory {mkey} ({err!r}); its answers count as noise")
+                labels[mkey] = np.full(len(vectors), -1, dtype=np.int64)
+        return labels
 
     def _cluster_sizes(self, mkey: MemoryKey, new: np.ndarray) -> np.ndarray:
         """Size of the stored cluster each new vector votes for among its k nearest stored vectors (cosine)."""

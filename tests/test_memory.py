@@ -252,3 +252,10 @@ def test_each_vector_remembers_the_update_that_stored_it():
     step(memory, "q", near(0, 2, seed=1))
     assert memory.arrivals[("q", WRONG)].tolist() == [1, 3, 3]  # capped at 3: the oldest went first
     assert memory.state_dict()["updates"] == 3
+
+
+def test_a_rejected_update_changes_nothing():
+    memory = ErrorMemory()
+    with pytest.raises(ValueError):
+        memory.update(["a", "b"], [False], np.zeros((2, 4)))
+    assert memory.updates == 0 and memory.vectors == {}
