@@ -244,8 +244,7 @@ def shape_rewards(maker, experiences: List) -> None:
     for exp in experiences:
         n = len(exp.rewards)
         p, ok = penalties[offset : offset + n], correct[offset : offset + n]
-        shaped = apply_penalties(exp.rewards.cpu().numpy(), ok, p)
-        exp.rewards = torch.from_numpy(shaped).to(exp.rewards.device)
+        exp.rewards = apply_penalties(exp.rewards, ok, p)
         if "reward" in exp.info:  # as upstream's length penalties do, so logged rewards show the shaping
             exp.info["reward"] = exp.rewards.clone()
         exp.info["meds_penalty"] = torch.from_numpy(p.astype(np.float32))

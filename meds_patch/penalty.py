@@ -9,14 +9,20 @@ def penalty_term(cluster_sizes, alpha: float, beta: float) -> np.ndarray:
     return np.minimum(alpha * np.log1p(sizes), beta)
 
 
-def apply_penalties(rewards, correct, p) -> np.ndarray:
+def apply_penalties(rewards, correct, p):
     """Shaped rewards: a wrong rollout gets r - p, a correct one r / (1 + p).
 
     ``ErrorMemory.update`` gives p = 0 to the rollouts its target leaves alone, so with the reference target
-    "wrong" correct rollouts keep their reward exactly. Returns a new array in the rewards' float dtype.
+    "wrong" correct rollouts keep their reward exactly. Returns new rewards of the input's kind: a torch tensor
+    (same dtype, at least float32, same device) for a tensor, else a numpy array.
     """
+    if hasattr(rewards, "detach"):  # a torch tensor: compute in numpy, hand back a tensor like it
+        import torch
+
+        shaped = apply_penalties(rewards.detach().cpu().numpy(), correct, p)
+        return torch.from_numpy(shaped).to(rewards.device)
     rewards = np.asarray(rewards)
-    correct, p = np.asarray(correct, dtype=bool), np.asarray(p, dtype=np.float64)
+    correct, p = np.asarray(correct, dtype=bool), np.asarray(p, dtype=np.float64)  # numpy converts CPU tensors
     if not (rewards.shape == correct.shape == p.shape):
         raise ValueError(f"rewards {rewards.shape}, correct {correct.shape} and p {p.shape} must have one shape")
     if not np.isfinite(p).all() or (p < 0).any():

@@ -19,6 +19,14 @@ def test_wrong_rollouts_lose_p_and_correct_ones_are_divided_by_one_plus_p():
     assert shaped.dtype == np.float32
 
 
+def test_tensor_rewards_come_back_as_tensors_of_their_dtype():
+    import torch
+
+    shaped = apply_penalties(torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([False, True]), [0.5, 0.0])
+    assert isinstance(shaped, torch.Tensor) and shaped.dtype == torch.float64
+    assert shaped.tolist() == pytest.approx([-0.5, 1.0])
+
+
 def test_apply_penalties_rejects_mismatched_shapes_and_bad_penalties():
     with pytest.raises(ValueError, match="one shape"):
         apply_penalties([1.0, 0.0], [True], [0.0, 0.0])
