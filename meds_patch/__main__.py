@@ -45,10 +45,12 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("diff", help="print the patch series as a full-context diff against the installed openrlhf")
     sub.add_parser("install-hook", help="place the import hook's .pth in site-packages (for editable installs)")
-    demo = sub.add_parser("demo", help="run a few MEDS steps of the patched OpenRLHF path on CPU")
-    demo.add_argument("--steps", type=int, default=4)
-    demo.add_argument("--save", default=None, help="checkpoint directory to write the memory to")
-    demo.add_argument("--resume", default=None, help="checkpoint directory to restore the memory from")
+    demo = sub.add_parser(
+        "demo", help="run upstream's train_ppo_ray --meds on CPU as a Ray job (local cluster, vLLM, tiny model)"
+    )
+    demo.add_argument("--steps", type=int, default=6, help="training steps to run (default: 6)")
+    demo.add_argument("--save", default=None, help="run folder: DIR/ckpt, DIR/tensorboard, DIR/job.log")
+    demo.add_argument("--resume", default=None, help="a run folder of an earlier demo to continue for --steps more")
     report = sub.add_parser("report", help="summarise a checkpoint's error memory as Markdown and PNG plots")
     report.add_argument("checkpoint", help="--ckpt.path of a run, its _actor folder, or one checkpoint tag folder")
     report.add_argument("--out", default=None, help="output folder (default: <checkpoint>/meds_report)")

@@ -1,289 +1,238 @@
-"""``python -m meds_patch demo``: a few MEDS steps of the real, patched OpenRLHF path on one CPU.
+"""``python -m meds_patch demo``: upstream's real ``train_ppo_ray --meds`` on a CPU machine, as a Ray job.
 
-A GPU run cannot happen here: the model actors need CUDA and rollouts need vLLM. So this stands in for exactly
-those: vLLM and flash-attn's compiled extension become empty modules (imported, never called), the policy
-actor runs in-process with ``torch.cuda.current_device`` answering "cpu", and rollouts come from Hugging Face
-``generate`` on a tiny random model. Everything else is upstream's code with the series applied: the CLI
-parser and its validation, ``PolicyModelActor.forward``, ``make_experience``, ``compute_advantages_and_returns``
-and the trainer's checkpoint save/restore. The tests drive the same functions.
+It starts a Ray head of its own (free ports, its own temp dir, two declared GPUs: one for the policy actor, one
+for the vLLM engine), prepares the tiny fine-tuned model and a few arithmetic questions that repeat every step,
+and submits ``python -m openrlhf.cli.train_ppo_ray --meds ...`` with ``ray job submit``: vLLM rollouts, the math
+reward function, DeepSpeed steps, weight sync and checkpoints, with the CPU backend (``cpu_backend``) adapting the
+few CUDA-only calls. Each step's ``train/meds/*`` values are printed as TensorBoard receives them. The cluster is
+stopped on exit, error or Ctrl-C, by the process group of the ``ray start`` it launched, and nothing else.
 """
 
-import functools
-import importlib.machinery
+import json
 import os
-import re
+import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
-import types
+import urllib.request
 import uuid
-from types import SimpleNamespace
-from typing import List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
-import torch
-
-ANSWER_RE = re.compile(r"\\boxed\{([^{}]*)\}")
-
-
-# ── Stand-ins for what a CPU machine cannot install ──
-
-
-def _module(name: str) -> types.ModuleType:
-    module = types.ModuleType(name)
-    module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)  # find_spec must not raise
-    module.__path__ = []
-    return module
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REWARD_FUNC = os.path.join(REPO, "examples", "reward_func_math.py")
+# The engine's environment on CPU: a 1 GiB KV cache, and no pinning of OpenMP threads to cores that other
+# processes of the run (and other jobs on the machine) also use.
+CPU_ENV = {"MEDS_CPU_BACKEND": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+QUESTIONS = [(7, 8), (9, 6), (5, 9), (8, 8)]  # sums the tiny model gets right only sometimes
 
 
-def _unavailable(*args, **kwargs):
-    raise RuntimeError("vLLM is not installed on this machine (CPU stand-in)")
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
-def install_stand_ins() -> None:
-    """Empty ``vllm`` and ``flash_attn_2_cuda`` modules, so OpenRLHF's module-level imports succeed on CPU."""
-    try:
-        import flash_attn_2_cuda  # noqa: F401
-    except ImportError:
-        sys.modules["flash_attn_2_cuda"] = _module("flash_attn_2_cuda")
-    try:
-        import vllm  # noqa: F401
+class LocalRayCluster:
+    """A Ray head of our own: ``ray start --head --block`` in a new session, stopped by killing that session's
+    process group. Every port is picked free and the temp dir is private, so it coexists with other clusters and
+    ignores ``RAY_ADDRESS``."""
 
-        return
-    except ImportError:
-        pass
-    names = ["vllm", "vllm.inputs", "vllm.utils", "vllm.distributed", "vllm.distributed.utils",
-             "vllm.distributed.device_communicators", "vllm.distributed.device_communicators.pynccl"]  # fmt: skip
-    for name in names:
-        sys.modules[name] = _module(name)
-        parent, _, leaf = name.rpartition(".")
-        if parent:
-            setattr(sys.modules[parent], leaf, sys.modules[name])
-    vllm = sys.modules["vllm"]
-    vllm.__version__ = "0.0.0+cpu-stand-in"
-    vllm.SamplingParams = type("SamplingParams", (), {"__init__": lambda self, **kw: self.__dict__.update(kw)})
-    vllm.LLM = vllm.AsyncEngineArgs = _unavailable
-    vllm.AsyncLLMEngine = type("AsyncLLMEngine", (), {"from_engine_args": staticmethod(_unavailable)})
-    sys.modules["vllm.inputs"].TokensPrompt = dict
-    sys.modules["vllm.utils"].random_uuid = lambda: uuid.uuid4().hex
-    sys.modules["vllm.distributed.utils"].StatelessProcessGroup = _unavailable
-    sys.modules["vllm.distributed.device_communicators.pynccl"].PyNcclCommunicator = _unavailable
+    def __init__(self, num_gpus: int = 2, num_cpus: int = 8, env: Optional[Dict[str, str]] = None):
+        self.temp_dir = tempfile.mkdtemp(prefix="meds-ray-", dir="/tmp")  # short: Ray's socket paths live in it
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        ports = {
+            "--port": self.gcs_port, "--dashboard-port": self.dashboard_port, "--node-manager-port": free_port(),
+            "--object-manager-port": free_port(), "--ray-client-server-port": free_port(),
+            "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+            "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port(),
+        }  # fmt: skip
+        self.command = [
+            os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
+            "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--temp-dir", self.temp_dir,
+            "--num-gpus", str(num_gpus), "--num-cpus", str(num_cpus), "--object-store-memory", str(1 << 30),
+            "--disable-usage-stats", *[str(x) for item in ports.items() for x in item],
+        ]  # fmt: skip
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        self.env.update(env or {})
+        self.process: Optional[subprocess.Popen] = None
 
+    @property
+    def address(self) -> str:
+        """The job API (``ray job submit --address``)."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
 
-# ── A tiny tokenizer and model, built on the fly ──
+    @property
+    def gcs_address(self) -> str:
+        """For ``ray.init(address=...)``."""
+        return f"127.0.0.1:{self.gcs_port}"
 
-CORPUS = [
-    f"Question: what is {a} + {b}? Please reason step by step, and put your final answer within \\boxed{{}}. "
-    f"Answer: {a} + {b} = {a + b}, so the answer is \\boxed{{{a + b}}}."
-    for a in range(12)
-    for b in range(12)
-]
+    def start(self, timeout: float = 180) -> "LocalRayCluster":
+        log = open(os.path.join(self.temp_dir, "ray-start.log"), "w")
+        self.process = subprocess.Popen(
+            self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.process.returncode}: {self._log_tail()}")
+            try:
+                urllib.request.urlopen(f"{self.address}/api/version", timeout=2).read()
+                return self
+            except OSError:
+                time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"the Ray head did not answer within {timeout:.0f} s: {self._log_tail()}")
 
+    def _log_tail(self) -> str:
+        with open(os.path.join(self.temp_dir, "ray-start.log")) as fh:
+            return fh.read()[-2000:]
 
-@functools.lru_cache(maxsize=None)
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    def stop(self) -> None:
+        if self.process is not None:
+            for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(self.process.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.process.wait(wait)
+                    if sig == signal.SIGTERM:
+                        time.sleep(1)  # let the head's children see the signal before the group is killed
+                except subprocess.TimeoutExpired:
+                    pass
+            self.process = None
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    specials = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok.train_from_iterator(
-        CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=specials, initial_alphabet=alphabet)
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>")
+    def __enter__(self):
+        return self.start()
 
-
-def tiny_model(tokenizer, arch: str = "qwen2", num_layers: int = 4, seed: int = 0) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    config = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, attn_implementation="sdpa",
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    if arch == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **config)).eval()
-    if arch == "llama":
-        return LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **config)).eval()
-    raise ValueError(f"unknown arch {arch!r}: use qwen2 or llama")
-
-
-# ── Upstream pieces, driven in-process ──
-
-
-class StopBeforeTraining(Exception):
-    def __init__(self, parsed):
-        super().__init__("arguments parsed and validated")
-        self.parsed = parsed
+    def __exit__(self, *exc):
+        self.stop()
 
 
-def parse_train_args(argv: Sequence[str]):
-    """Run ``openrlhf.cli.train_ppo_ray`` as ``__main__`` (real, patched parser and validation) up to ``train``."""
-    import runpy
-
-    import ray
-
-    def stop(*_, **__):
-        raise StopBeforeTraining(sys._getframe(1).f_locals["args"])  # train(args) asks Ray first
-
-    saved_argv, saved_check = sys.argv, ray.is_initialized
-    sys.argv, ray.is_initialized = ["train_ppo_ray", *argv], stop
-    try:
-        runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__")
-    except StopBeforeTraining as parsed:
-        return parsed.parsed
-    finally:
-        sys.argv, ray.is_initialized = saved_argv, saved_check
-    raise RuntimeError("train_ppo_ray returned without calling train(args)")
-
-
-class InProcessActorGroup:
-    """Stands in for a ``RayActorGroup`` of GPU policy actors: same calls, run here, results as Ray refs."""
-
-    def __init__(self, policy, ckpt_dir: str):
-        self.policy, self.ckpt_dir, self.saved = policy, ckpt_dir, None
-
-    def async_run_method_batch(self, method_name, **kwargs):
-        import ray
-
-        chunks = [dict(zip(kwargs, values)) for values in zip(*kwargs.values())]
-        return [ray.put([getattr(self.policy, method_name)(**chunk) for chunk in chunks])]
-
-    def async_run_method(self, method_name, *args, **kwargs):
-        import ray
-
-        return [ray.put(getattr(self, method_name)(*args, **kwargs))]
-
-    def save_checkpoint(self, tag, client_states=None, metric_value=None, metric_key=None):
-        os.makedirs(os.path.join(self.ckpt_dir, "_actor", tag), exist_ok=True)
-        torch.save(client_states, os.path.join(self.ckpt_dir, "_actor", tag, "client_states.pt"))
-        with open(os.path.join(self.ckpt_dir, "_actor", "latest"), "w") as fh:
-            fh.write(tag)
-
-    def get_checkpoint_states(self):
-        with open(os.path.join(self.ckpt_dir, "_actor", "latest")) as fh:
-            tag = fh.read()
-        return torch.load(os.path.join(self.ckpt_dir, "_actor", tag, "client_states.pt"), weights_only=False)
+def training_args(model: str, prompts: str, save: str, episodes: int, meds: bool = True) -> List[str]:
+    """The arguments of a tiny CPU run: one step per episode over the same questions, a checkpoint every step."""
+    args = [
+        "--actor.model_name_or_path", model, "--reward.remote_url", REWARD_FUNC,
+        "--data.prompt_dataset", prompts, "--data.input_key", "prompt", "--data.label_key", "label",
+        "--data.max_len", "128", "--rollout.max_new_tokens", "40", "--data.max_samples", str(len(QUESTIONS)),
+        "--actor.num_nodes", "1", "--actor.num_gpus_per_node", "1",
+        "--vllm.num_engines", "1", "--vllm.tensor_parallel_size", "1", "--vllm.gpu_memory_utilization", "0.5",
+        # CPU: no CUDA graphs, gloo weight sync, plain attention (flash-attention 2 has no CPU kernel).
+        "--vllm.enforce_eager", "--vllm.sync_backend", "gloo", "--ds.attn_implementation", "sdpa",
+        "--ds.zero_stage", "2", "--ds.param_dtype", "bf16",
+        "--algo.advantage.estimator", "group_norm", "--algo.kl.init_coef", "0",
+        "--rollout.batch_size", str(len(QUESTIONS)), "--rollout.n_samples_per_prompt", "8",
+        "--rollout.micro_batch_size", "8", "--train.batch_size", "32", "--train.micro_batch_size", "8",
+        "--train.num_episodes", str(episodes), "--rollout.temperature", "1.0",
+        "--actor.adam.lr", "1e-4", "--actor.lr_scheduler", "constant",
+        "--ckpt.path", os.path.join(save, "ckpt"), "--ckpt.save_steps", "1", "--ckpt.load_enable",
+        "--logger.tensorboard_dir", os.path.join(save, "tensorboard"), "--logger.wandb.run_name", "demo",
+    ]  # fmt: skip
+    if meds:
+        args += ["--meds", "--algo.meds.num_layers", "4"]
+    return args
 
 
-def build(argv: Sequence[str], ckpt_dir: str, arch: str = "qwen2", num_layers: int = 4):
-    """The patched upstream objects of one training run: args, policy actor, experience maker, trainer."""
-    install_stand_ins()
-    torch.cuda.current_device = lambda: "cpu"  # PolicyModelActor.forward asks CUDA for its device
-    from openrlhf.models import Actor
-    from openrlhf.trainer.ppo_trainer import BasePPOTrainer
-    from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
-    from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
-    from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
-    from openrlhf.utils.logging_utils import TensorboardLogger
-
-    args = parse_train_args([*argv, "--ckpt.path", ckpt_dir])
-    tokenizer = tiny_tokenizer()
-    policy = PolicyModelActor.__ray_metadata__.modified_class.__new__(PolicyModelActor.__ray_metadata__.modified_class)
-    policy.strategy = SimpleNamespace(args=args, ring_attn_group=None)
-    policy.tokenizer = tokenizer
-    policy.actor = Actor(tiny_model(tokenizer, arch, num_layers), temperature=args.rollout.temperature)
-    policy.actor.packing_samples = args.ds.packing_samples
-    group = InProcessActorGroup(policy, ckpt_dir)
-    maker = RemoteExperienceMaker(group, None, None, None, FixedKLController(0.0), policy.strategy, tokenizer)
-    trainer = BasePPOTrainer.__new__(BasePPOTrainer)
-    trainer.args, trainer.experience_maker = args, maker
-    trainer.actor_model_group, trainer.critic_model_group = group, None
-    trainer.wandb_logger = None
-    trainer.tensorboard_logger = TensorboardLogger(args) if args.logger.tensorboard_dir else None
-    trainer.best_eval_metric_key, trainer.best_eval_metric_value, trainer._latest_eval_metric_value = None, -1e9, None
-    return SimpleNamespace(args=args, tokenizer=tokenizer, policy=policy, maker=maker, trainer=trainer, group=group)
+def submit(cluster: LocalRayCluster, args: Sequence[str], log_path: str, on_line: Callable[[str], None] = print):
+    """``ray job submit -- python -m openrlhf.cli.train_ppo_ray ARGS``; the job's output goes to ``log_path`` and
+    each line to ``on_line``. Returns the exit code of ``ray job submit`` (non-zero when the job failed)."""
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", cluster.address,
+        "--submission-id", f"meds-{uuid.uuid4().hex[:8]}", "--",
+        sys.executable, "-m", "openrlhf.cli.train_ppo_ray", *args,
+    ]  # fmt: skip
+    with open(log_path, "a") as log, subprocess.Popen(
+        command, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    ) as job:
+        try:
+            for line in job.stdout:
+                log.write(line)
+                on_line(line.rstrip("\n"))
+        except BaseException:
+            job.terminate()  # the job itself dies with the cluster
+            raise
+    return job.returncode
 
 
-@torch.no_grad()
-def generate_rollouts(run, questions: List[tuple], generator: torch.Generator) -> list:
-    """n rollouts per question from ``generate``: free reasoning tokens, then ``\\boxed{`` and a sampled digit.
+def scalars(tensorboard_dir: str, prefix: str = "") -> Dict[int, Dict[str, float]]:
+    """Every scalar under ``tensorboard_dir`` whose tag starts with ``prefix``, by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    The answer format is forced because a random model never writes ``\\boxed{`` by itself; the digit is
-    still the model's own choice, so its wrong answers recur the way a collapsing policy's do.
-    """
-    from openrlhf.trainer.ppo_utils.experience import Experience
-
-    tok, model, n = run.tokenizer, run.policy.actor.model, run.args.rollout.n_samples_per_prompt
-    digits = torch.tensor([tok.convert_tokens_to_ids(str(d)) for d in range(10)])
-    anchor = tok.encode("\\boxed{", add_special_tokens=False)
-    closing = tok.encode("}.", add_special_tokens=False) + [tok.eos_token_id]
-    samples = []
-    for a, b in questions:
-        prompt = f"Question: what is {a} + {b}? Please put your final answer within \\boxed{{}}. Answer:"
-        prompt_ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        reasoning = model.generate(
-            prompt_ids.repeat(n, 1), do_sample=True, max_new_tokens=6, min_new_tokens=6,
-            pad_token_id=tok.pad_token_id, attention_mask=torch.ones(n, prompt_ids.shape[1], dtype=torch.long),
-        )  # fmt: skip
-        with_anchor = torch.cat([reasoning, torch.tensor([anchor] * n)], dim=1)
-        logits = model(input_ids=with_anchor).logits[:, -1, digits]
-        answer = digits[torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)]
-        for row in range(n):
-            ids = with_anchor[row].tolist() + [int(answer[row])] + closing
-            text = tok.decode(ids[prompt_ids.shape[1] :])
-            found = ANSWER_RE.findall(text)
-            score = float(bool(found) and found[-1] == str(a + b))
-            length = len(ids)
-            action_mask = torch.zeros(length - 1, dtype=torch.bool)
-            action_mask[prompt_ids.shape[1] - 1 :] = True
-            samples.append(
-                Experience(
-                    sequences=torch.tensor([ids]), attention_mask=torch.ones(1, length, dtype=torch.long),
-                    action_mask=action_mask.unsqueeze(0), prompts=[prompt], labels=[str(a + b)],
-                    rewards=torch.tensor([score]), scores=torch.tensor([score]),
-                    response_length=torch.tensor([length - prompt_ids.shape[1]]), truncated=torch.tensor([False]),
-                    total_length=torch.tensor([float(length)]),
-                    info={"reward": torch.tensor([score]), "score": torch.tensor([score])},
-                )  # fmt: skip
-            )
-    return samples
+    steps: Dict[int, Dict[str, float]] = {}
+    for folder, _, files in os.walk(tensorboard_dir):
+        if not any(f.startswith("events.out.tfevents") for f in files):
+            continue
+        events = EventAccumulator(folder, size_guidance={"scalars": 0}).Reload()
+        for tag in events.Tags()["scalars"]:
+            if tag.startswith(prefix):
+                for event in events.Scalars(tag):
+                    steps.setdefault(event.step, {})[tag] = event.value
+    return steps
 
 
-def train_steps(run, steps: int, start_step: int = 1, seed: int = 0) -> list:
-    """Run ``steps`` steps: rollouts, the real experience making with MEDS, logging and checkpoints."""
-    from meds_patch import openrlhf_glue as meds
+class StepPrinter:
+    """Prints each new step's ``train/meds/*`` values (polled from TensorBoard) and the job's MEDS lines."""
 
-    questions = [(a, b) for a in range(5) for b in range(5) if a + b < 10][: run.args.rollout.batch_size]
-    history = []
-    for step in range(start_step, start_step + steps):
-        # Seeded per step, so a resumed run replays exactly the rollouts an uninterrupted run would see.
-        samples = generate_rollouts(run, questions, torch.Generator().manual_seed(seed * 100_003 + step))
-        experiences = run.maker.make_experience_batch(samples)
-        status = meds.step_metrics(run.maker)
-        status["reward_mean"] = float(torch.cat([e.rewards for e in experiences]).mean())
-        run.trainer.save_logs_and_checkpoints(step, status, {"global_step": step})
-        history.append((status, experiences))
-    return history
+    SHOWN = ("penalty_mean", "penalty_max", "penalised_wrong_share", "stored_vectors", "clusters",
+             "without_feature_share", "wrong_answers_distinct_per_question")  # fmt: skip
+
+    def __init__(self, tensorboard_dir: str):
+        self.tensorboard_dir, self.printed, self.polled = tensorboard_dir, set(), 0.0
+
+    def __call__(self, line: str) -> None:
+        if "MEDS" in line or "Error" in line:
+            print(f"  job: {line.strip()[:200]}", flush=True)
+        if time.time() - self.polled > 2:
+            self.poll()
+
+    def poll(self) -> None:
+        self.polled = time.time()
+        for step, values in sorted(scalars(self.tensorboard_dir, "train/").items()):
+            if step not in self.printed and any(k.startswith("train/meds/") for k in values):
+                self.printed.add(step)
+                shown = " ".join(f"{k}={values['train/meds/' + k]:.3g}" for k in self.SHOWN if "train/meds/" + k in values)
+                print(f"step {step}: reward={values.get('train/reward', float('nan')):.3f} {shown}", flush=True)
 
 
-def run_demo(steps: int = 4, save: Optional[str] = None, resume: Optional[str] = None) -> int:
-    import ray
+def run_demo(steps: int = 6, save: Optional[str] = None, resume: Optional[str] = None) -> int:
+    from meds_patch.tiny_math import prepared_model, write_prompts
 
     start = time.time()
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ckpt_dir = resume or save or tempfile.mkdtemp(prefix="meds-demo-")
-    argv = ["--meds", "--algo.meds.num_layers", "4", "--reward.remote_url", "demo-rule-reward",
-            "--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", "8",
-            "--rollout.batch_size", "8", "--rollout.micro_batch_size", "16", "--ckpt.save_steps", "1",
-            "--actor.num_nodes", "1", "--actor.num_gpus_per_node", "1"]  # fmt: skip
+    save = os.path.abspath(resume or save or tempfile.mkdtemp(prefix="meds-demo-"))
+    state_file = os.path.join(save, "demo.json")
+    done = 0
     if resume:
-        argv.append("--ckpt.load_enable")
-    run = build(argv, ckpt_dir)
-    first = 1
-    if resume:
-        states = run.trainer.init_checkpoint_states()
-        run.trainer.restore_best_checkpoint_state(states)
-        first = states["global_step"] + 1
-        print(f"resumed from {ckpt_dir} at step {first - 1}: {run.maker.meds_memory.summary()}")
-    for (status, _), step in zip(train_steps(run, steps, start_step=first), range(first, first + steps)):
-        shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in status.items())
-        print(f"step {step}: {shown}")
-    print(f"checkpoints in {ckpt_dir}; {time.time() - start:.1f} s")
-    ray.shutdown()
+        if not os.path.isfile(state_file):
+            print(f"meds_patch demo: {save} holds no demo run to resume (no demo.json)", file=sys.stderr)
+            return 2
+        with open(state_file) as fh:
+            done = json.load(fh)["steps"]
+    elif os.path.exists(os.path.join(save, "ckpt")):
+        print(f"meds_patch demo: {save} already holds a run: use --resume {save}, or another --save", file=sys.stderr)
+        return 2
+    os.makedirs(save, exist_ok=True)
+    print(f"preparing the tiny model (cached after the first time) ...", flush=True)
+    model = prepared_model()
+    prompts = write_prompts(os.path.join(save, "prompts.jsonl"), QUESTIONS)
+    args = training_args(model, prompts, save, episodes=done + steps)
+    print(f"starting a local Ray cluster (2 declared GPUs) ...", flush=True)
+    with LocalRayCluster(env=CPU_ENV) as cluster:
+        print(f"submitting train_ppo_ray --meds ({'resuming at step ' + str(done + 1) if resume else 'new run'}); "
+              f"job log: {save}/job.log", flush=True)  # fmt: skip
+        printer = StepPrinter(os.path.join(save, "tensorboard"))
+        code = submit(cluster, args, os.path.join(save, "job.log"), printer)
+        printer.poll()
+    if code != 0:
+        with open(os.path.join(save, "job.log"), errors="replace") as fh:
+            print("".join(fh.readlines()[-40:]), file=sys.stderr)
+        print(f"meds_patch demo: the job failed (ray job submit exited {code}); full log: {save}/job.log", file=sys.stderr)
+        return 1
+    with open(state_file, "w") as fh:
+        json.dump({"steps": done + steps}, fh)
+    print(f"done in {time.time() - start:.0f} s: checkpoints in {save}/ckpt, TensorBoard events in {save}/tensorboard")
+    print(f"continue with: python -m meds_patch demo --resume {save}")
     return 0

@@ -155,11 +155,14 @@ class SeriesFinder:
 
 
 def install() -> None:
-    """Put the finder first on ``sys.meta_path`` (idempotent; a no-op when ``MEDS_PATCH_DISABLE=1``)."""
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-        return
-    if not any(isinstance(f, SeriesFinder) for f in sys.meta_path):
+    """Put the finder first on ``sys.meta_path`` (idempotent; a no-op when ``MEDS_PATCH_DISABLE=1``), and the CPU
+    backend's before it when ``MEDS_CPU_BACKEND=1`` (see ``cpu_backend``; not part of the MEDS series)."""
+    if os.environ.get(DISABLE_ENV, "") in ("", "0") and not any(isinstance(f, SeriesFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, SeriesFinder())
+    if os.environ.get("MEDS_CPU_BACKEND") == "1":
+        from meds_patch import cpu_backend
+
+        cpu_backend.install()
 
 
 def is_active() -> bool:

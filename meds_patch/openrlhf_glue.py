@@ -321,12 +321,15 @@ def memory_state(maker) -> MemoryCheckpoint:
 
 
 def restore_memory(maker, checkpoint_states: Dict[str, Any]) -> None:
-    """Load the memory saved with a checkpoint, if any (a checkpoint from before MEDS simply has none)."""
+    """At the trainer's start: create the memory (so sharded memories start their actors now, not inside the first
+    step) and load the one saved with the checkpoint, if any (a checkpoint from before MEDS simply has none)."""
+    memory = error_memory(maker)
     state: Optional[dict] = checkpoint_states.get(CHECKPOINT_KEY)
     if state is None:
         if checkpoint_states.get("global_step", 0) > 0:
             logger.warning("MEDS: the checkpoint has no error memory; starting with an empty one")
         return
-    error_memory(maker).load_state_dict(dict(state))
+    memory.load_state_dict(dict(state))
     maker.meds_prompts = dict(state.get("prompts", {}))
-    logger.info(f"MEDS: restored {error_memory(maker).summary()} from the checkpoint")
+    # print, not logger.info: upstream leaves this module's logger at WARNING, and users must see the restore.
+    print(f"MEDS: restored {memory.summary()} from the checkpoint", flush=True)

@@ -1,14 +1,29 @@
+import os
+
 import pytest
 
-from meds_patch.demo import install_stand_ins
+# The CPU backend adapts upstream's CUDA-only calls in this process and in every process the tests start (Ray
+# workers inherit it from the cluster below); the import hook applied the MEDS series at start-up already.
+os.environ["MEDS_CPU_BACKEND"] = "1"
+from meds_patch import hook  # noqa: E402
 
-install_stand_ins()  # vLLM and flash-attn's CUDA extension cannot be installed on CPU machines
+hook.install()
 
 
 @pytest.fixture(scope="session")
-def local_ray():
+def ray_cluster():
+    """One local Ray head for the whole session (2 declared GPUs, the CPU environment), stopped at the end."""
+    from meds_patch.demo import CPU_ENV, LocalRayCluster
+
+    with LocalRayCluster(env=CPU_ENV) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def local_ray(ray_cluster):
+    """The test process connected to that cluster as a Ray driver."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address=ray_cluster.gcs_address, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

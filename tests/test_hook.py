@@ -74,8 +74,6 @@ def test_startup_hook_imports_nothing_heavy():
 
 
 PATCHED_IMPORT = """
-    from meds_patch.demo import install_stand_ins
-    install_stand_ins()
     import inspect
     import openrlhf.trainer.ppo_utils.experience_maker as m
     from meds_patch.hook import PatchedLoader
@@ -96,8 +94,6 @@ def test_environment_variable_switches_the_hook_off():
 
 def test_tracebacks_show_the_patched_lines():
     result = python("""
-        from meds_patch.demo import install_stand_ins
-        install_stand_ins()
         import traceback
         from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
         maker = RemoteExperienceMaker.__new__(RemoteExperienceMaker)
@@ -120,8 +116,6 @@ def test_mismatched_upstream_is_left_unpatched_with_one_clear_line():
     result = python("""
         import sys
         from meds_patch import hook
-        from meds_patch.demo import install_stand_ins
-        install_stand_ins()
         sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, hook.SeriesFinder)]
         finder = hook.SeriesFinder()
         finder.series = {n: p._replace(sha256="0" * 64) for n, p in hook.read_series().items()}
@@ -138,9 +132,6 @@ def test_hook_applies_inside_a_ray_actor(local_ray):
     @local_ray.remote
     class Probe:
         def patched(self):
-            from meds_patch.demo import install_stand_ins
-
-            install_stand_ins()
             import openrlhf.trainer.ray.ppo_actor as m
 
             from meds_patch.hook import PatchedLoader
@@ -164,8 +155,6 @@ def test_diff_command_prints_the_full_context_series():
 def test_cli_help_lists_every_meds_flag():
     result = python("""
         import runpy, sys
-        from meds_patch.demo import install_stand_ins
-        install_stand_ins()
         sys.argv = ["train_ppo_ray", "--help"]
         runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__")
         """)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from meds_patch import find_answer_positions, layer_logit_features
-from meds_patch.demo import build, generate_rollouts, parse_train_args, tiny_tokenizer, train_steps
+from meds_patch.tiny_math import tiny_tokenizer
+from tests.inprocess import build, generate_rollouts, parse_train_args, train_steps
 from meds_patch.hook import upstream_root
 from meds_patch.memory import prompt_key
 

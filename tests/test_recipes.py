@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from meds_patch.demo import parse_train_args
+from tests.inprocess import parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "examples" / "scripts"

@@ -8,7 +8,7 @@ import matplotlib.image
 import pytest
 import torch
 
-from meds_patch.demo import build, train_steps
+from tests.inprocess import build, train_steps
 from meds_patch.openrlhf_glue import memory_state
 from meds_patch.report import write_report
 from tests.test_openrlhf_glue import MEDS_ARGS

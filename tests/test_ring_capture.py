@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from meds_patch.demo import install_stand_ins, tiny_model, tiny_tokenizer
+from meds_patch.tiny_math import tiny_model, tiny_tokenizer
 from meds_patch.openrlhf_glue import finish_capture, start_capture
 
 RING = 2
@@ -41,7 +41,6 @@ def policy(ring_group):
 
 
 def rank_main(rank: int, folder: str):
-    install_stand_ins()
     from openrlhf.models.ring_attn_utils import get_tensor_in_current_ring_attn_rank
 
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=RING)

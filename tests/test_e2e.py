@@ -1,0 +1,110 @@
+"""Upstream's real entry point end to end on CPU: ``ray job submit -- python -m openrlhf.cli.train_ppo_ray`` with
+vLLM rollouts, the math reward function, DeepSpeed steps, weight sync and checkpoints, on the session's Ray cluster
+and the prepared tiny model. Each run costs about a minute, so one run serves the tests that read it."""
+
+import os
+
+import pytest
+
+from meds_patch.demo import CPU_ENV, QUESTIONS, LocalRayCluster, scalars, submit, training_args
+from meds_patch.report import find_memory_state
+from meds_patch.tiny_math import prepared_model, write_prompts
+
+# A learning rate that moves the tiny policy visibly within a step, for the weight-sync check.
+WEIGHT_SYNC_ARGS = ["--actor.adam.lr", "1e-3", "--algo.advantage.is_correction_level", "token"]
+
+
+class Run:
+    def __init__(self, folder, code, lines):
+        self.folder, self.code, self.log = folder, code, "\n".join(lines)
+
+    def scalars(self, prefix=""):
+        return scalars(os.path.join(self.folder, "tensorboard"), prefix)
+
+    def series(self, tag):
+        return [values[tag] for _, values in sorted(self.scalars(tag).items())]
+
+
+def train(cluster, folder, episodes, *extra, meds=True):
+    os.makedirs(folder, exist_ok=True)
+    prompts = write_prompts(os.path.join(folder, "prompts.jsonl"), QUESTIONS)
+    args = training_args(prepared_model(), prompts, folder, episodes, meds=meds) + list(extra)
+    lines = []
+    code = submit(cluster, args, os.path.join(folder, "job.log"), lines.append)
+    assert code == 0, "\n".join(lines[-60:])
+    return Run(folder, code, lines)
+
+
+@pytest.fixture(scope="module")
+def sync_run(ray_cluster, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("sync"))
+    eval_args = ["--eval.dataset", os.path.join(folder, "prompts.jsonl"), "--eval.steps", "1",
+                 "--eval.n_samples_per_prompt", "4", "--eval.temperature", "1.0"]  # fmt: skip
+    return train(ray_cluster, folder, 3, *WEIGHT_SYNC_ARGS, *eval_args)
+
+
+def test_sync_run_lowers_rewards_of_recurring_wrong_answers(sync_run):
+    penalties = sync_run.series("train/meds/penalty_mean")
+    assert len(penalties) == 3 and penalties[0] == 0.0  # a question's first visit has no history
+    assert max(penalties[1:]) > 0
+    assert sync_run.series("train/meds/without_feature_share")[-1] < 0.5  # the tiny model writes \boxed{}
+
+
+def test_sync_run_saves_the_memory_in_its_checkpoint(sync_run):
+    state, _ = find_memory_state(os.path.join(sync_run.folder, "ckpt"))
+    assert len(set(state["keys"])) == len(QUESTIONS)
+    assert sum(len(v) for v in state["vectors"]) == sync_run.series("train/meds/stored_vectors")[-1]
+
+
+def test_evaluation_logs_unbiased_pass_at_k(sync_run):
+    evaluated = sync_run.scalars("eval/")
+    assert evaluated and all({"eval/eval_unbiased_pass@1", "eval/eval_unbiased_pass@4"} <= set(v) for v in evaluated.values())
+    for values in evaluated.values():
+        assert 0 <= values["eval/eval_unbiased_pass@1"] <= values["eval/eval_unbiased_pass@4"] <= 1
+
+
+def test_weight_sync_keeps_vllm_on_the_trained_policy(sync_run):
+    # vllm_kl: mean gap between vLLM's rollout log-probs and the actor's, after the policy moved at lr 1e-3.
+    gaps = sync_run.series("train/vllm_kl")
+    assert len(gaps) == 3 and max(abs(g) for g in gaps) < 0.02, gaps
+
+
+def test_dropping_the_synced_weights_lets_vllm_drift(tmp_path):
+    # The same run on a cluster whose vLLM receives the weights but does not load them.
+    with LocalRayCluster(env={**CPU_ENV, "MEDS_CPU_DROP_WEIGHT_SYNC": "1"}) as cluster:
+        run = train(cluster, str(tmp_path), 3, *WEIGHT_SYNC_ARGS, meds=False)
+    gaps = run.series("train/vllm_kl")
+    assert abs(gaps[0]) < 0.02 and max(abs(g) for g in gaps[1:]) > 0.1, gaps
+
+
+def test_resume_through_ray_job_submit_restores_the_memory(ray_cluster, sync_run):
+    saved_state, _ = find_memory_state(os.path.join(sync_run.folder, "ckpt"))
+    saved_vectors = sum(len(v) for v in saved_state["vectors"])
+    resumed = train(ray_cluster, sync_run.folder, 4, *WEIGHT_SYNC_ARGS)
+    assert f"MEDS: restored {{'memories': {len(QUESTIONS)}, 'vectors': {saved_vectors}" in resumed.log
+    stored = resumed.scalars("train/meds/stored_vectors")
+    assert sorted(stored) == [1, 2, 3, 4]  # step 4 added to the first run's events
+    assert stored[4]["train/meds/stored_vectors"] >= saved_vectors
+
+
+def test_async_trainer_applies_meds(ray_cluster, tmp_path):
+    run = train(ray_cluster, str(tmp_path), 2, "--train.async_enable")
+    assert len(run.series("train/meds/penalty_mean")) == 2
+    assert run.series("train/meds/stored_vectors")[-1] > 0
+
+
+def test_zero3_with_a_sharded_memory(ray_cluster, tmp_path):
+    run = train(ray_cluster, str(tmp_path), 2, "--ds.zero_stage", "3", "--algo.meds.num_workers", "2")
+    assert run.series("train/meds/memories") == [len(QUESTIONS)] * 2
+    # The shard actors start with the trainer, so the first step does not pay for them.
+    assert run.series("train/meds/controller_seconds")[0] < 1.0
+    state, _ = find_memory_state(os.path.join(run.folder, "ckpt"))
+    assert sum(len(v) for v in state["vectors"]) == run.series("train/meds/stored_vectors")[-1]
+
+
+def test_without_meds_the_run_is_upstream(ray_cluster, tmp_path):
+    run = train(ray_cluster, str(tmp_path), 2, meds=False)
+    logged = {tag for values in run.scalars().values() for tag in values}
+    assert "train/reward" in logged and not any("meds" in tag for tag in logged)
+    with pytest.raises(FileNotFoundError, match="no MEDS error memory"):
+        find_memory_state(os.path.join(run.folder, "ckpt"))
