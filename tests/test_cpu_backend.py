@@ -1,0 +1,67 @@
+"""The CPU backend: upstream's CUDA-only calls adapted after import, only when asked for and never beside CUDA."""
+
+import threading
+
+import torch
+
+from meds_patch.demo import free_port
+from tests.test_hook import python, results
+
+PROBE = """
+    import torch
+    {before}
+    import openrlhf.trainer.ray.ppo_actor as ppo_actor
+    from openrlhf.trainer.ppo_utils.replay_buffer import NaiveReplayBuffer
+    print("RESULT", torch.cuda.current_device.__module__)
+    print("RESULT", NaiveReplayBuffer(sample_batch_size=1).target_device)
+    print("RESULT", ppo_actor.stateless_init_process_group.__module__)
+"""
+
+
+def test_upstream_is_adapted_after_its_modules_ran():
+    result = python(PROBE.format(before=""), env={"MEDS_CPU_BACKEND": "1"})
+    assert results(result) == ["meds_patch.cpu_backend", "cpu", "meds_patch.cpu_backend"], result.stderr[-3000:]
+
+
+def test_nothing_is_adapted_where_cuda_is_available():
+    # torch.cuda is left alone, so upstream builds its cuda:N replay-buffer device as on a GPU machine.
+    # (bitsandbytes and deepspeed probe CUDA at import: they load while the CPU torch still tells the truth.)
+    before = "import bitsandbytes, deepspeed; torch.cuda.is_available = lambda: True; torch.cuda.current_device = lambda: 0"
+    result = python(PROBE.format(before=before), env={"MEDS_CPU_BACKEND": "1"})
+    assert results(result) == ["__main__", "cuda:0", "openrlhf.utils.distributed_util"], result.stderr[-3000:]
+    assert "MEDS_CPU_BACKEND=1 is ignored: CUDA is available" in result.stderr
+
+
+def test_the_backend_is_off_without_its_environment_variable():
+    result = python(
+        """
+        import sys
+        from meds_patch.cpu_backend import CPUBackendFinder
+        print("RESULT", any(isinstance(f, CPUBackendFinder) for f in sys.meta_path))
+        try:
+            import openrlhf.models
+        except ImportError as err:
+            print("RESULT", err.name)
+        """,
+        env={"MEDS_CPU_BACKEND": ""},
+    )
+    assert results(result) == ["False", "flash_attn_2_cuda"], result.stderr[-3000:]
+
+
+def test_weight_sync_group_broadcasts_rank_0s_tensor_over_gloo():
+    from openrlhf.utils.distributed_util import stateless_init_process_group
+
+    port, received = free_port(), {}
+
+    def rank(r):
+        group = stateless_init_process_group("127.0.0.1", port, r, 2, "cpu")
+        tensor = torch.arange(6.0).reshape(2, 3) if r == 0 else torch.empty(2, 3)
+        group.broadcast(tensor, src=0, stream=None)
+        received[r] = tensor
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    torch.testing.assert_close(received[1], torch.arange(6.0).reshape(2, 3))
