@@ -29,10 +29,16 @@ CPU_ENV = {"MEDS_CPU_BACKEND": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP
 QUESTIONS = [(7, 8), (9, 6), (5, 9), (8, 8)]  # sums the tiny model gets right only sometimes
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(count: int) -> List[int]:
+    """Ports free now, all different: the sockets stay bound until every port is picked."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 class LocalRayCluster:
@@ -42,13 +48,11 @@ class LocalRayCluster:
 
     def __init__(self, num_gpus: int = 2, num_cpus: int = 8, env: Optional[Dict[str, str]] = None):
         self.temp_dir = tempfile.mkdtemp(prefix="meds-ray-", dir="/tmp")  # short: Ray's socket paths live in it
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
-        ports = {
-            "--port": self.gcs_port, "--dashboard-port": self.dashboard_port, "--node-manager-port": free_port(),
-            "--object-manager-port": free_port(), "--ray-client-server-port": free_port(),
-            "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-            "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port(),
-        }  # fmt: skip
+        flags = ["--port", "--dashboard-port", "--node-manager-port", "--object-manager-port",
+                 "--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                 "--metrics-export-port", "--runtime-env-agent-port"]  # fmt: skip
+        ports = dict(zip(flags, free_ports(len(flags))))
+        self.gcs_port, self.dashboard_port = ports["--port"], ports["--dashboard-port"]
         self.command = [
             os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
             "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--temp-dir", self.temp_dir,
@@ -181,7 +185,8 @@ class StepPrinter:
              "without_feature_share", "wrong_answers_distinct_per_question")  # fmt: skip
 
     def __init__(self, tensorboard_dir: str):
-        self.tensorboard_dir, self.printed, self.polled = tensorboard_dir, set(), 0.0
+        # A resumed run appends to the same events: its earlier steps were printed by the earlier run.
+        self.tensorboard_dir, self.printed, self.polled = tensorboard_dir, set(scalars(tensorboard_dir)), 0.0
 
     def __call__(self, line: str) -> None:
         if "MEDS" in line or "Error" in line:

@@ -4,7 +4,7 @@ import threading
 
 import torch
 
-from meds_patch.demo import free_port
+from meds_patch.demo import free_ports
 from tests.test_hook import python, results
 
 PROBE = """
@@ -51,7 +51,7 @@ def test_the_backend_is_off_without_its_environment_variable():
 def test_weight_sync_group_broadcasts_rank_0s_tensor_over_gloo():
     from openrlhf.utils.distributed_util import stateless_init_process_group
 
-    port, received = free_port(), {}
+    (port,), received = free_ports(1), {}
 
     def rank(r):
         group = stateless_init_process_group("127.0.0.1", port, r, 2, "cpu")
