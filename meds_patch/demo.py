@@ -41,6 +41,14 @@ def free_ports(count: int) -> List[int]:
             sock.close()
 
 
+def group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 class LocalRayCluster:
     """A Ray head of our own: ``ray start --head --block`` in a new session, stopped by killing that session's
     process group. Every port is picked free and the temp dir is private, so it coexists with other clusters and
@@ -95,18 +103,18 @@ class LocalRayCluster:
             return fh.read()[-2000:]
 
     def stop(self) -> None:
+        """SIGTERM to every process of the head's session, SIGKILL to what is left after 20 s; then the temp dir."""
         if self.process is not None:
-            for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+            group = self.process.pid
+            for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
                 try:
-                    os.killpg(self.process.pid, sig)
+                    os.killpg(group, sig)
                 except ProcessLookupError:
                     break
-                try:
-                    self.process.wait(wait)
-                    if sig == signal.SIGTERM:
-                        time.sleep(1)  # let the head's children see the signal before the group is killed
-                except subprocess.TimeoutExpired:
-                    pass
+                deadline = time.time() + grace
+                while time.time() < deadline and group_alive(group):
+                    self.process.poll()  # reap the head itself
+                    time.sleep(0.2)
             self.process = None
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 

@@ -96,8 +96,6 @@ def test_async_trainer_applies_meds(ray_cluster, tmp_path):
 def test_zero3_with_a_sharded_memory(ray_cluster, tmp_path):
     run = train(ray_cluster, str(tmp_path), 2, "--ds.zero_stage", "3", "--algo.meds.num_workers", "2")
     assert run.series("train/meds/memories") == [len(QUESTIONS)] * 2
-    # The shard actors start with the trainer, so the first step does not pay for them.
-    assert run.series("train/meds/controller_seconds")[0] < 1.0
     state, _ = find_memory_state(os.path.join(run.folder, "ckpt"))
     assert sum(len(v) for v in state["vectors"]) == run.series("train/meds/stored_vectors")[-1]
 

@@ -1,12 +1,16 @@
 """--algo.meds.num_workers: the memory spread over Ray actors gives exactly the in-process results."""
 
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from meds_patch import ErrorMemory, MEDSConfig
+from meds_patch.openrlhf_glue import restore_memory
 from meds_patch.sharded import ShardedErrorMemory, shard_of
+from tests.inprocess import parse_train_args
+from tests.test_openrlhf_glue import MEDS_ARGS
 
 
 def steps(seed: int, count: int = 3, rows: int = 96):
@@ -35,6 +39,15 @@ def kill_and_wait_for_restart(ray, sharded, index: int) -> None:
             pass
         time.sleep(0.2)
     raise TimeoutError("the shard was not restarted")
+
+
+def test_the_trainer_start_creates_the_shard_actors(local_ray):
+    # restore_memory runs when the trainer starts, before the first step, with or without a checkpoint.
+    args = parse_train_args([*MEDS_ARGS, "--algo.meds.num_workers", "2"])
+    maker = SimpleNamespace(args=args)
+    restore_memory(maker, {"global_step": 0})
+    assert isinstance(maker.meds_memory, ShardedErrorMemory) and len(maker.meds_memory.shards) == 2
+    assert maker.meds_memory.summary()["memories"] == 0
 
 
 def test_shards_split_the_questions():
