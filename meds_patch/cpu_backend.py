@@ -32,6 +32,7 @@ def _adapt_torch_cuda(module) -> None:
 
     if _cuda_present():
         return
+
     # DeepspeedStrategy.setup_distributed calls torch.cuda.set_device(local_rank), the actors, the replay buffer and
     # the strategy's all_reduce place tensors on torch.cuda.current_device(), and upstream passes
     # torch.cuda.current_stream() to broadcasts and calls synchronize() between phases. On CPU they answer "cpu",

@@ -82,21 +82,25 @@ class LocalRayCluster:
         return f"127.0.0.1:{self.gcs_port}"
 
     def start(self, timeout: float = 180) -> "LocalRayCluster":
+        """Start the head and return once its job API answers; on any failure or interrupt, stop what started."""
         log = open(os.path.join(self.temp_dir, "ray-start.log"), "w")
         self.process = subprocess.Popen(
             self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ray start exited with {self.process.returncode}: {self._log_tail()}")
-            try:
-                urllib.request.urlopen(f"{self.address}/api/version", timeout=2).read()
-                return self
-            except OSError:
-                time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"the Ray head did not answer within {timeout:.0f} s: {self._log_tail()}")
+        try:
+            deadline = time.time() + timeout
+            while self.process.poll() is None:
+                try:
+                    urllib.request.urlopen(f"{self.address}/api/version", timeout=2).read()
+                    return self
+                except OSError:
+                    if time.time() > deadline:
+                        raise RuntimeError(f"the Ray head did not answer within {timeout:.0f} s: {self._log_tail()}")
+                    time.sleep(1)
+            raise RuntimeError(f"ray start exited with {self.process.returncode}: {self._log_tail()}")
+        except BaseException:
+            self.stop()
+            raise
 
     def _log_tail(self) -> str:
         with open(os.path.join(self.temp_dir, "ray-start.log")) as fh:
@@ -207,7 +211,9 @@ class StepPrinter:
         for step, values in sorted(scalars(self.tensorboard_dir, "train/").items()):
             if step not in self.printed and any(k.startswith("train/meds/") for k in values):
                 self.printed.add(step)
-                shown = " ".join(f"{k}={values['train/meds/' + k]:.3g}" for k in self.SHOWN if "train/meds/" + k in values)
+                shown = " ".join(
+                    f"{k}={values['train/meds/' + k]:.3g}" for k in self.SHOWN if "train/meds/" + k in values
+                )
                 print(f"step {step}: reward={values.get('train/reward', float('nan')):.3f} {shown}", flush=True)
 
 
@@ -228,12 +234,15 @@ def run_demo(steps: int = 6, save: Optional[str] = None, resume: Optional[str] =
         print(f"meds_patch demo: {save} already holds a run: use --resume {save}, or another --save", file=sys.stderr)
         return 2
     os.makedirs(save, exist_ok=True)
-    print(f"preparing the tiny model (cached after the first time) ...", flush=True)
+    print("preparing the tiny model (cached after the first time) ...", flush=True)
     model = prepared_model()
     prompts = write_prompts(os.path.join(save, "prompts.jsonl"), QUESTIONS)
     args = training_args(model, prompts, save, episodes=done + steps)
-    print(f"starting a local Ray cluster (2 declared GPUs) ...", flush=True)
-    with LocalRayCluster(env=CPU_ENV) as cluster:
+    cluster = LocalRayCluster(env=CPU_ENV)
+    print(f"starting a local Ray cluster (2 declared GPUs, temp dir {cluster.temp_dir}) ...", flush=True)
+    # SIGTERM ends the demo like Ctrl-C does: through the with-block, which stops the cluster.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    with cluster:
         print(f"submitting train_ppo_ray --meds ({'resuming at step ' + str(done + 1) if resume else 'new run'}); "
               f"job log: {save}/job.log", flush=True)  # fmt: skip
         printer = StepPrinter(os.path.join(save, "tensorboard"))
@@ -242,7 +251,10 @@ def run_demo(steps: int = 6, save: Optional[str] = None, resume: Optional[str] =
     if code != 0:
         with open(os.path.join(save, "job.log"), errors="replace") as fh:
             print("".join(fh.readlines()[-40:]), file=sys.stderr)
-        print(f"meds_patch demo: the job failed (ray job submit exited {code}); full log: {save}/job.log", file=sys.stderr)
+        print(
+            f"meds_patch demo: the job failed (ray job submit exited {code}); full log: {save}/job.log",
+            file=sys.stderr,
+        )
         return 1
     with open(state_file, "w") as fh:
         json.dump({"steps": done + steps}, fh)

@@ -16,7 +16,9 @@ import tempfile
 
 import torch
 
-PROMPT = "Question: what is {a} + {b}? Please reason step by step, and put your final answer within \\boxed{{}}. Answer:"
+PROMPT = (
+    "Question: what is {a} + {b}? Please reason step by step, and put your final answer within \\boxed{{}}. Answer:"
+)
 SOLUTION = " {a} + {b} = {c}, so the answer is \\boxed{{{c}}}."
 PAIRS = [(a, b) for a in range(12) for b in range(12)]
 CORPUS = [PROMPT.format(a=a, b=b) + SOLUTION.format(a=a, b=b, c=a + b) for a, b in PAIRS]
@@ -97,7 +99,8 @@ def prepared_model(steps: int = 150) -> str:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     os.makedirs(cache_root(), exist_ok=True)
-    staging = tempfile.mkdtemp(dir=cache_root())  # rename into place: a concurrent or killed build leaves no half model
+    # Built aside and renamed into place: a concurrent or killed build leaves no half model behind.
+    staging = tempfile.mkdtemp(dir=cache_root())
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     try:

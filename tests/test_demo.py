@@ -1,7 +1,12 @@
 """The demo's own parts: a private Ray cluster that coexists with others, and run folders it will not clobber."""
 
 import os
+import signal
+import subprocess
+import sys
 import urllib.request
+
+import pytest
 
 from meds_patch.__main__ import main
 from meds_patch.demo import LocalRayCluster, group_alive
@@ -35,3 +40,29 @@ def test_demo_will_not_write_over_an_earlier_run(tmp_path, capsys):
 def test_demo_resumes_only_a_demo_run(tmp_path, capsys):
     assert main(["demo", "--resume", str(tmp_path)]) == 2
     assert "holds no demo run to resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_demo_stops_its_cluster(tmp_path, stop):
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "meds_patch", "demo", "--save", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    temp_dir = None
+    for line in demo.stdout:
+        if line.startswith("starting a local Ray cluster"):
+            temp_dir = line.split("temp dir ")[1].split(")")[0]
+        if line.startswith("submitting"):
+            break
+    os.killpg(demo.pid, stop)  # a terminal's Ctrl-C reaches the whole foreground group
+    demo.communicate(timeout=120)
+    assert temp_dir and not os.path.exists(temp_dir)
+    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and temp_dir in cmdline(pid)]
+
+
+def cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().decode(errors="replace")
+    except OSError:
+        return ""

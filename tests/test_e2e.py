@@ -58,7 +58,9 @@ def test_sync_run_saves_the_memory_in_its_checkpoint(sync_run):
 
 def test_evaluation_logs_unbiased_pass_at_k(sync_run):
     evaluated = sync_run.scalars("eval/")
-    assert evaluated and all({"eval/eval_unbiased_pass@1", "eval/eval_unbiased_pass@4"} <= set(v) for v in evaluated.values())
+    assert evaluated and all(
+        {"eval/eval_unbiased_pass@1", "eval/eval_unbiased_pass@4"} <= set(v) for v in evaluated.values()
+    )
     for values in evaluated.values():
         assert 0 <= values["eval/eval_unbiased_pass@1"] <= values["eval/eval_unbiased_pass@4"] <= 1
 

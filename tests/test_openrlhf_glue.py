@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from meds_patch import find_answer_positions, layer_logit_features
-from meds_patch.tiny_math import tiny_tokenizer
-from tests.inprocess import build, generate_rollouts, parse_train_args, train_steps
 from meds_patch.hook import upstream_root
 from meds_patch.memory import prompt_key
+from meds_patch.tiny_math import tiny_tokenizer
+from tests.inprocess import build, generate_rollouts, parse_train_args, train_steps
 
 BASE_ARGS = ["--reward.remote_url", "rule", "--rollout.n_samples_per_prompt", "4", "--rollout.batch_size", "2",
              "--rollout.micro_batch_size", "8", "--actor.num_nodes", "1", "--actor.num_gpus_per_node", "1"]  # fmt: skip

@@ -8,9 +8,9 @@ import matplotlib.image
 import pytest
 import torch
 
-from tests.inprocess import build, train_steps
 from meds_patch.openrlhf_glue import memory_state
 from meds_patch.report import write_report
+from tests.inprocess import build, train_steps
 from tests.test_openrlhf_glue import MEDS_ARGS
 
 PLOTS = ("cluster_sizes.png", "penalties.png", "growth.png")
