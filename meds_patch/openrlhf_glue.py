@@ -2,8 +2,9 @@
 
 Flag to reward: ``add_arguments`` defines ``--meds`` and ``--algo.meds.*``; ``validate_arguments`` checks them;
 ``start_capture``/``finish_capture`` read the (B, K) features in the policy's experience forward on each actor
-rank; ``attach_features`` hangs them on the controller's ``Experience``s; ``shape_rewards`` runs the error memory
-right after upstream's length penalties and subtracts the penalties; ``step_metrics``, ``memory_state`` and
+rank; ``attach_features`` hangs them on the controller's ``Experience``s; ``record_outcomes`` reads correctness
+before upstream's length penalties and ``shape_rewards`` runs the error memory right after them, subtracting the
+penalties; ``step_metrics``, ``memory_state`` and
 ``restore_memory`` log and checkpoint it. Every entry point is a no-op unless ``--meds`` is on.
 """
 
@@ -210,11 +211,21 @@ def error_memory(maker):
     return maker.meds_memory
 
 
+def record_outcomes(maker, experiences: List) -> None:
+    """Before upstream's length penalties: whether each rollout is correct, from its ``scores`` (the dynamic-filter
+    signal, left untouched), else from its rewards (a reward model's judgement). MEDS_SPEC §2: correctness is the
+    reward before shaping, so a correct but overlong answer must not count as a wrong one."""
+    threshold = maker.args.algo.meds.correct_threshold
+    for exp in experiences:
+        source = exp.scores if exp.scores is not None else exp.rewards
+        exp.meds_correct = source.float().reshape(-1).cpu().numpy() >= threshold
+
+
 def shape_rewards(maker, experiences: List) -> None:
     """Apply MEDS to every rollout of the step: after length penalties, before any baseline or normalisation.
 
-    Correctness comes from ``scores`` (the dynamic-filter signal, left untouched), or from the rewards when a
-    reward model gives no scores. Records per-sample ``info["meds_penalty"]`` and the step's statistics.
+    Correctness is what ``record_outcomes`` read before the length penalties. Records per-sample
+    ``info["meds_penalty"]`` and the step's statistics.
     """
     from meds_patch.memory import prompt_key
     from meds_patch.metrics import wrong_answer_diversity
@@ -228,8 +239,7 @@ def shape_rewards(maker, experiences: List) -> None:
         keys += [prompt_key(p) for p in exp.prompts]
         prompts.update(zip(keys[-len(exp.prompts) :], (p[:PROMPT_SNIPPET] for p in exp.prompts)))
         answers += final_answers(maker.tokenizer, exp)
-        source = exp.scores if exp.scores is not None else exp.rewards
-        outcomes.append(source.float().reshape(-1).cpu().numpy() >= config.correct_threshold)
+        outcomes.append(exp.meds_correct)
         feats = getattr(exp, "meds_features", None)
         features.append(None if feats is None else feats.float().numpy())
     if not keys:
@@ -248,6 +258,7 @@ def shape_rewards(maker, experiences: List) -> None:
         if "reward" in exp.info:  # as upstream's length penalties do, so logged rewards show the shaping
             exp.info["reward"] = exp.rewards.clone()
         exp.info["meds_penalty"] = torch.from_numpy(p.astype(np.float32))
+        del exp.meds_correct
         if hasattr(exp, "meds_features"):
             del exp.meds_features
         offset += n

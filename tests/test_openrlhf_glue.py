@@ -223,6 +223,20 @@ def test_correctness_falls_back_to_rewards_without_scores(makers):
     assert maker.meds_step["wrong"] == 3  # 0.2 < correct_threshold 0.5
 
 
+def test_a_correct_but_overlong_rollout_counts_as_correct(makers):
+    # MEDS_SPEC §2: correctness is the reward before shaping. A reward model's 1.0 that DAPO's overlong buffer
+    # lowers to 0.0 (length 4 exceeds 4 - 2 by the whole buffer: penalty -1) is still a correct answer.
+    patched, _ = makers
+    maker = maker_for(patched, "group_norm", meds=True)
+    maker.args.reward.overlong_buffer_len, maker.args.reward.overlong_penalty_factor = 2, 1.0
+    maker.args.rollout.max_new_tokens = 4
+    exps = experiences([1.0, 1.0, 0.0, 0.0], [0, 0, 0, 0], [[1, 0]] * 4)
+    exps[0].scores, exps[0].response_length = None, torch.tensor([4, 1, 1, 1])
+    result = maker.compute_advantages_and_returns(exps)[0]
+    assert result.info["reward"][0] == 0.0  # the length penalty did land
+    assert maker.meds_step["wrong"] == 2
+
+
 def test_step_records_how_varied_the_wrong_answers_are(makers):
     patched, _ = makers
     maker = maker_for(patched, "group_norm", meds=True)
