@@ -5,7 +5,8 @@ from typing import Optional
 
 import torch
 
-# The fallback anchor search looks this many tokens past the token that mentions "boxed" for the "{".
+# The fallback anchor search looks for the "{" in this many tokens, starting at the token that mentions "boxed"
+# (the authors' range(idx, idx + 10)).
 FALLBACK_WINDOW = 10
 
 
@@ -21,8 +22,9 @@ def find_answer_positions(
     ``sequences`` is (B, T) token ids, ``response_start`` (B,) the index of each row's first response token.
     A row ends at the last 1 of ``attention_mask`` if given, else before its trailing pad tokens (right padding).
     When the anchor's exact token ids are absent, the last response token whose text contains "boxed" is
-    found and p is the first token from it through the next 10 whose text contains "{". A row gets -1 when
-    nothing matches or when p is its last token (there is no answer token to read).
+    found and p is the first token from it through the next 9 whose text contains "{"; when those 10 tokens
+    hold no "{", the next earlier "boxed" token is tried (the authors' search). A row gets -1 when nothing
+    matches or when p is its last token (there is no answer token to read).
     """
     if sequences.dim() != 2:
         raise ValueError(f"sequences must be (B, T), got shape {tuple(sequences.shape)}")
@@ -63,10 +65,14 @@ def find_answer_positions(
         known = seq < len(has_boxed)  # a model's vocabulary can be padded beyond the tokenizer's
         ids = torch.where(known, seq, 0)
         boxed = has_boxed[ids] & known & in_response & missing[:, None]
-        last_boxed = length - 1 - boxed.flip(1).long().argmax(1)
-        window = (cols[None, :] >= last_boxed[:, None]) & (cols[None, :] <= last_boxed[:, None] + FALLBACK_WINDOW)
-        brace = has_brace[ids] & known & in_response & window & boxed.any(1, keepdim=True)
-        positions = torch.where(brace.any(1), brace.long().argmax(1), positions)
+        brace = has_brace[ids] & known & in_response
+        # next_brace[j]: the first "{" at or after j (length if none), by a reversed running minimum.
+        next_brace = torch.where(brace, cols, length).flip(1).cummin(1).values.flip(1)
+        # The last "boxed" token with a "{" inside its window wins; a window without one passes to earlier boxes.
+        usable = boxed & (next_brace - cols[None, :] < FALLBACK_WINDOW)
+        last_usable = length - 1 - usable.flip(1).long().argmax(1)
+        found = next_brace.gather(1, last_usable[:, None]).squeeze(1)
+        positions = torch.where(usable.any(1), found, positions)
 
     # The answer token p + 1 must exist.
     return torch.where(positions + 1 < end, positions, torch.full_like(positions, -1))

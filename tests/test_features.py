@@ -90,11 +90,21 @@ def test_exact_and_fallback_rows_mix_in_one_batch():
     assert positions.tolist() == [len(prompt) + len(encode(" x =")) + len(ANCHOR) - 1, texts.index("{")]
 
 
-def test_fallback_gives_up_when_no_brace_follows_within_ten_tokens():
+def test_fallback_window_is_the_boxed_token_and_the_nine_after_it():
+    # The authors' range(idx, idx + 10): a "{" 9 tokens after "boxed" is found, one 10 tokens after is not.
     prompt = encode("q?")
-    response = encode(" boxed") + encode(" 1") * 11 + encode("{2}")
+    inside = prompt + encode(" boxed") + encode(" 1") * 8 + encode("{2}")
+    outside = prompt + encode(" boxed") + encode(" 1") * 9 + encode("{2}")
+    positions = find_answer_positions(right_pad([inside, outside]), torch.tensor([len(prompt)] * 2), tiny_tokenizer())
+    assert positions.tolist() == [len(prompt) + len(encode(" boxed")) + 8, -1]
+
+
+def test_fallback_goes_back_to_an_earlier_boxed_token_when_the_last_has_no_brace():
+    prompt = encode("q?")
+    first = encode(" boxed") + encode("{7}")
+    response = first + encode(" then boxed") + encode(" 1") * 10
     positions = find_answer_positions(torch.tensor([prompt + response]), torch.tensor([len(prompt)]), tiny_tokenizer())
-    assert positions.tolist() == [-1]
+    assert positions.tolist() == [len(prompt) + len(encode(" boxed"))]
 
 
 def test_no_box_gives_minus_one():
