@@ -100,16 +100,17 @@ class ErrorMemory:
         if correct.dtype != bool:
             raise ValueError(f"correct must hold bools, got dtype {correct.dtype}")
 
-        self.updates += 1
         has_feature = np.isfinite(features).all(axis=1)
         targeted = {"wrong": ~correct, "right": correct, "both": np.ones(n, dtype=bool)}[self.config.target]
         rows = np.flatnonzero(has_feature & targeted)
-        penalties = np.zeros(n, dtype=np.float64)
-        sizes = np.zeros(n, dtype=np.int64)
         if rows.size and self.vectors:
             dims = {v.shape[1] for v in self.vectors.values()}
             if dims != {features.shape[1]}:
                 raise ValueError(f"features have {features.shape[1]} values per row, the memory holds {dims}")
+        # Every check is done: from here on the step changes the memory.
+        self.updates += 1
+        penalties = np.zeros(n, dtype=np.float64)
+        sizes = np.zeros(n, dtype=np.int64)
 
         # Group rows by (key, outcome) with one sort instead of a Python loop over rows.
         key_ids, key_of_row = np.unique(np.asarray(keys, dtype=object)[rows], return_inverse=True)
@@ -188,41 +189,61 @@ class ErrorMemory:
         }
 
     def state_dict(self) -> dict:
-        """The whole memory as plain Python and numpy objects (picklable, for checkpoints), sorted by key."""
+        """The whole memory as plain Python and numpy objects (picklable, for checkpoints), sorted by key. The
+        arrays are copies: editing the state never changes the memory."""
         mkeys = sorted(self.vectors)
         return {
             "version": STATE_VERSION,
             "config": asdict(self.config),
             "keys": [k for k, _ in mkeys],
             "correct": [c for _, c in mkeys],
-            "vectors": [self.vectors[m] for m in mkeys],
-            "labels": [self.labels[m] for m in mkeys],
-            "arrivals": [self.arrivals[m] for m in mkeys],
+            "vectors": [self.vectors[m].copy() for m in mkeys],
+            "labels": [self.labels[m].copy() for m in mkeys],
+            "arrivals": [self.arrivals[m].copy() for m in mkeys],
             "updates": self.updates,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Replace the memory with one saved by ``state_dict`` (this memory keeps its own config)."""
+        """Replace the memory with one saved by ``state_dict`` (this memory keeps its own config).
+
+        All or nothing: the whole state is checked and copied first, and a state that fails a check raises a
+        ``ValueError`` naming the field, leaving the memory as it was.
+        """
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(f"not an ErrorMemory state of version {STATE_VERSION}: {type(state).__name__}")
-        lengths = {len(state[f]) for f in ("keys", "correct", "vectors", "labels")}
-        if len(lengths) != 1:
-            raise ValueError("ErrorMemory state is inconsistent: keys, correct, vectors and labels differ in length")
-        self.labels  # let a running re-clustering finish before its memories are replaced
-        self.vectors, self._labels, self.arrivals = {}, {}, {}
-        self.updates = int(state.get("updates", 0))
-        arrivals = state.get("arrivals") or [None] * len(state["keys"])  # hand-made states may leave them out
-        for key, ok, vectors, labels, arrived in zip(
+        missing = [f for f in ("keys", "correct", "vectors", "labels") if f not in state]
+        if missing:
+            raise ValueError(f"ErrorMemory state lacks {', '.join(missing)}")
+        count = len(state["keys"])
+        arrivals = state.get("arrivals")
+        arrivals = [None] * count if arrivals is None else list(arrivals)  # hand-made states may leave them out
+        for field, values in (("correct", state["correct"]), ("vectors", state["vectors"]),
+                              ("labels", state["labels"]), ("arrivals", arrivals)):  # fmt: skip
+            if len(values) != count:
+                raise ValueError(f"ErrorMemory state: {len(values)} {field} for {count} keys")
+        vectors, labels, arrived_at, widths = {}, {}, {}, set()
+        for key, ok, vecs, labs, arrived in zip(
             state["keys"], state["correct"], state["vectors"], state["labels"], arrivals
         ):
-            vectors, labels = np.asarray(vectors, dtype=np.float32), np.asarray(labels, dtype=np.int64)
-            arrived = np.zeros(len(vectors), np.int64) if arrived is None else np.asarray(arrived, dtype=np.int64)
-            if vectors.ndim != 2 or labels.shape != (len(vectors),) or arrived.shape != (len(vectors),):
-                raise ValueError(
-                    f"ErrorMemory state for {key!r} has vectors {vectors.shape} and labels {labels.shape}"
-                )
             mkey = (str(key), bool(ok))
-            self.vectors[mkey], self._labels[mkey], self.arrivals[mkey] = vectors, labels, arrived
+            if mkey in vectors:
+                raise ValueError(f"ErrorMemory state: memory {mkey} appears twice in keys/correct")
+            vecs, labs = np.array(vecs, dtype=np.float32), np.array(labs, dtype=np.int64)
+            arrived = np.zeros(len(vecs), np.int64) if arrived is None else np.array(arrived, dtype=np.int64)
+            if vecs.ndim != 2 or labs.shape != (len(vecs),) or arrived.shape != (len(vecs),):
+                raise ValueError(
+                    f"ErrorMemory state for {key!r}: vectors {vecs.shape}, labels {labs.shape} and arrivals "
+                    f"{arrived.shape} must be (n, K), (n,) and (n,)"
+                )
+            if len(labs) and labs.min() < -1:
+                raise ValueError(f"ErrorMemory state for {key!r}: labels must be >= -1 (noise), got {labs.min()}")
+            widths.add(vecs.shape[1])
+            vectors[mkey], labels[mkey], arrived_at[mkey] = vecs, labs, arrived
+        if len(widths) > 1:
+            raise ValueError(f"ErrorMemory state: vectors of different widths {sorted(widths)}")
+        self.labels  # let a running re-clustering finish before its memories are replaced
+        self.vectors, self._labels, self.arrivals = vectors, labels, arrived_at
+        self.updates = int(state.get("updates", 0))
 
     @staticmethod
     def merge_states(states: List[dict]) -> dict:

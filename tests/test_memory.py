@@ -259,3 +259,79 @@ def test_a_rejected_update_changes_nothing():
     with pytest.raises(ValueError):
         memory.update(["a", "b"], [False], np.zeros((2, 4)))
     assert memory.updates == 0 and memory.vectors == {}
+
+
+def test_a_step_rejected_for_its_width_does_not_count_as_a_step():
+    memory = ErrorMemory()
+    step(memory, "q", near(0, 2))
+    with pytest.raises(ValueError, match="5 values per row"):
+        memory.update(["q"], [False], np.ones((1, 5)))
+    assert memory.updates == 1 and memory.arrivals[("q", WRONG)].tolist() == [1, 1]
+
+
+def three_memories() -> dict:
+    memory = ErrorMemory()
+    for key in ("a", "b", "c"):
+        step(memory, key, near(0, 2))
+    return memory.state_dict()
+
+
+def loading_fails_and_changes_nothing(state: dict, match: str) -> None:
+    memory = ErrorMemory()
+    step(memory, "kept", near(1, 3))
+    before = memory.state_dict()
+    with pytest.raises(ValueError, match=match):
+        memory.load_state_dict(state)
+    after = memory.state_dict()
+    assert after["keys"] == before["keys"] == ["kept"] and after["updates"] == before["updates"] == 1
+    np.testing.assert_array_equal(after["vectors"][0], before["vectors"][0])
+
+
+def test_a_state_with_a_bad_last_memory_loads_nothing():
+    state = three_memories()
+    state["labels"][2] = np.zeros(5, dtype=np.int64)  # 2 vectors, 5 labels
+    loading_fails_and_changes_nothing(state, "for 'c': vectors")
+
+
+def test_a_state_with_fewer_arrivals_than_keys_is_rejected():
+    state = three_memories()
+    state["arrivals"] = state["arrivals"][:2]
+    loading_fails_and_changes_nothing(state, "2 arrivals for 3 keys")
+
+
+def test_a_state_that_names_a_memory_twice_is_rejected():
+    state = three_memories()
+    state["keys"][1] = "a"
+    loading_fails_and_changes_nothing(state, r"\('a', False\) appears twice")
+
+
+def test_a_state_with_mixed_widths_is_rejected():
+    state = three_memories()
+    state["vectors"][1] = np.zeros((2, 5), np.float32)
+    loading_fails_and_changes_nothing(state, r"different widths \[4, 5\]")
+
+
+def test_labels_below_noise_are_rejected():
+    state = three_memories()
+    state["labels"][0] = np.array([0, -2])
+    loading_fails_and_changes_nothing(state, "labels must be >= -1")
+
+
+def test_arrivals_may_come_as_one_array():
+    state = three_memories()
+    state["arrivals"] = np.stack(state["arrivals"])  # (3 memories, 2 vectors)
+    memory = ErrorMemory()
+    memory.load_state_dict(state)
+    assert [memory.arrivals[(k, WRONG)].tolist() for k in "abc"] == [[1, 1], [2, 2], [3, 3]]
+
+
+def test_states_in_and_out_are_copies():
+    memory = ErrorMemory()
+    step(memory, "q", near(0, 2))
+    state = memory.state_dict()
+    state["vectors"][0][:] = 7.0
+    assert (memory.vectors[("q", WRONG)] != 7.0).all()
+    restored = ErrorMemory()
+    restored.load_state_dict(state)
+    state["vectors"][0][:] = 9.0
+    assert (restored.vectors[("q", WRONG)] == 7.0).all()
