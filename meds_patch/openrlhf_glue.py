@@ -93,7 +93,8 @@ def meds_config(args) -> MEDSConfig:
 def validate_arguments(args) -> None:
     """Fail before any Ray actor starts when the MEDS flags cannot work together with the rest."""
     if not enabled(args):
-        changed = [f"--algo.meds.{f.name}" for f in fields(MEDSConfig) if getattr(args.algo.meds, f.name) != f.default]
+        defaults = {**{f.name: f.default for f in fields(MEDSConfig)}, "num_workers": 0, "anchor": DEFAULT_ANCHOR}
+        changed = [f"--algo.meds.{name}" for name, value in defaults.items() if getattr(args.algo.meds, name) != value]
         if changed:
             raise ValueError(f"{', '.join(changed)} given without --meds: add --meds to enable MEDS")
         return

@@ -39,6 +39,12 @@ def test_meds_options_without_meds_are_rejected():
         parse_train_args([*BASE_ARGS, "--algo.meds.alpha", "0.2"])
 
 
+@pytest.mark.parametrize("flag, value", [("--algo.meds.num_workers", "2"), ("--algo.meds.anchor", "ANSWER:")])
+def test_glue_options_without_meds_are_rejected(flag, value):
+    with pytest.raises(ValueError, match=f"{flag} given without --meds"):
+        parse_train_args([*BASE_ARGS, flag, value])
+
+
 def test_invalid_meds_values_name_the_flag():
     with pytest.raises(ValueError, match=r"--algo\.meds\.alpha=-1\.0 is invalid"):
         parse_train_args([*MEDS_ARGS, "--algo.meds.alpha", "-1"])

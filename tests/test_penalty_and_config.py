@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from meds_patch import MEDSConfig, apply_penalties, penalty_term
 
@@ -62,3 +63,31 @@ def test_defaults_follow_the_reference():
 def test_invalid_values_name_the_field_and_the_allowed_range(field, value):
     with pytest.raises(ValueError, match=rf"MEDSConfig\.{field}=.*must be"):
         MEDSConfig(**{field: value})
+
+
+def test_penalty_term_rejects_negative_cluster_sizes():
+    with pytest.raises(ValueError, match="cluster sizes must be finite and >= 0"):
+        penalty_term([2, -1], 0.1, 0.2)
+
+
+def test_penalty_term_rejects_a_negative_alpha():
+    with pytest.raises(ValueError, match="alpha=-0.1"):
+        penalty_term([2], -0.1, 0.2)
+
+
+@pytest.mark.parametrize("outcome", [-1.0, None, 0.5])
+def test_apply_penalties_rejects_outcomes_that_are_not_bools(outcome):
+    with pytest.raises(ValueError, match="correct must hold bools"):
+        apply_penalties(
+            np.array([1.0, -1.0]), np.array([True, outcome], dtype=object if outcome is None else None), [0.0, 0.1]
+        )
+
+
+def test_apply_penalties_takes_zero_one_outcomes():
+    np.testing.assert_allclose(apply_penalties([1.0, 0.0], [1, 0], [0.25, 0.25]), [0.8, -0.25])
+
+
+def test_bfloat16_rewards_come_back_as_float32_tensors():
+    shaped = apply_penalties(torch.tensor([1.0, 0.0], dtype=torch.bfloat16), [True, False], [0.25, 0.25])
+    assert shaped.dtype == torch.float32
+    torch.testing.assert_close(shaped, torch.tensor([0.8, -0.25]))
