@@ -82,16 +82,20 @@ class ErrorMemory:
         feature have no feature: they get p = 0 and are not stored. Rows the target excludes get p = 0 and are
         not stored either (with target "wrong", correct rollouts need no memory).
         """
+        if isinstance(keys, str):
+            raise ValueError("keys must be a sequence of prompt keys, one per row, not one str")
         n = len(keys)
         if n == 0 and np.size(features) == 0 and np.size(correct) == 0:
             self.updates += 1
             self.last_step = {}
             return np.zeros(0, dtype=np.float64)
+        if hasattr(features, "detach"):  # a torch tensor, maybe bfloat16, which numpy cannot take directly
+            features = features.detach().float().cpu().numpy()
         features = np.asarray(features, dtype=np.float32)
         correct = np.asarray(correct)
-        if features.ndim != 2 or features.shape[0] != n or correct.shape != (n,):
+        if features.ndim != 2 or features.shape[0] != n or correct.shape != (n,) or features.shape[1] == 0:
             raise ValueError(
-                f"update needs N keys, N outcomes and an (N, K) feature array; got {n} keys, "
+                f"update needs N keys, N outcomes and an (N, K >= 1) feature array; got {n} keys, "
                 f"outcomes of shape {correct.shape}, features of shape {features.shape}"
             )
         bad = [i for i, k in enumerate(keys) if not isinstance(k, str)]

@@ -335,3 +335,21 @@ def test_states_in_and_out_are_copies():
     restored.load_state_dict(state)
     state["vectors"][0][:] = 9.0
     assert (restored.vectors[("q", WRONG)] == 7.0).all()
+
+
+def test_keys_given_as_one_string_raise_a_clear_error():
+    with pytest.raises(ValueError, match="not one str"):
+        ErrorMemory().update("q", [False], np.ones((1, 4)))
+
+
+def test_features_without_columns_raise_a_clear_error():
+    with pytest.raises(ValueError, match=r"features of shape \(2, 0\)"):
+        ErrorMemory().update(["q", "q"], [False, False], np.zeros((2, 0)))
+
+
+def test_bfloat16_feature_tensors_are_taken_as_float32():
+    import torch
+
+    memory = ErrorMemory()
+    step(memory, "q", torch.tensor(near(0, 3), dtype=torch.bfloat16))
+    assert memory.vectors[("q", WRONG)].dtype == np.float32 and memory.summary()["vectors"] == 3
