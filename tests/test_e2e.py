@@ -47,7 +47,9 @@ def test_sync_run_lowers_rewards_of_recurring_wrong_answers(sync_run):
     penalties = sync_run.series("train/meds/penalty_mean")
     assert len(penalties) == 3 and penalties[0] == 0.0  # a question's first visit has no history
     assert max(penalties[1:]) > 0
-    assert sync_run.series("train/meds/without_feature_share")[-1] < 0.5  # the tiny model writes \boxed{}
+    # The prepared model writes \boxed{} (at lr 1e-3 the policy may drift away from it within the run: a rollout
+    # without an answer position takes no penalty).
+    assert sync_run.series("train/meds/without_feature_share")[0] < 0.5
 
 
 def test_sync_run_saves_the_memory_in_its_checkpoint(sync_run):
