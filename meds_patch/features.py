@@ -33,6 +33,10 @@ def find_answer_positions(
     start = torch.as_tensor(response_start).detach().cpu().long().reshape(-1)
     if start.numel() != batch:
         raise ValueError(f"response_start has {start.numel()} entries for {batch} sequences")
+    if (start < 0).any():
+        raise ValueError(f"response_start must be >= 0, got {start[start < 0][:3].tolist()}")
+    if length == 0:
+        return torch.full((batch,), -1, dtype=torch.long)  # no tokens, no answer
     cols = torch.arange(length)
     if attention_mask is not None:
         valid = attention_mask.detach().cpu().bool()
@@ -108,6 +112,8 @@ class AnswerHiddenStates:
     """
 
     def __init__(self, model: torch.nn.Module, flat_index: torch.Tensor, num_tokens: int, num_layers: int):
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.blocks, self.norm, self.lm_head = decoder_parts(model)
         self.blocks = self.blocks[-num_layers:]
         self.flat_index = flat_index
@@ -165,9 +171,18 @@ def layer_logit_features(
     """
     batch, length = sequences.shape
     positions = positions.to(sequences.device).long()
+    if positions.shape != (batch,):
+        raise ValueError(f"positions must be ({batch},), one per row, got shape {tuple(positions.shape)}")
+    bad = (positions < -1) | (positions > length - 2)
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        raise ValueError(
+            f"positions[{row}] = {int(positions[row])} is not a token with an answer token after it in a row of "
+            f"{length} tokens (use -1 for a row without an answer)"
+        )
     rows = torch.arange(batch, device=sequences.device)
     flat_index = torch.where(positions >= 0, rows * length + positions, -1)
-    target = sequences[rows, (positions + 1).clamp(max=length - 1)]
+    target = sequences[rows, (positions + 1).clamp(min=0)]
     with AnswerHiddenStates(model, flat_index, batch * length, num_layers) as captured:
         model(input_ids=sequences, attention_mask=attention_mask)
     return captured.logits(target)

@@ -175,3 +175,26 @@ def test_hooks_are_removed_even_when_the_forward_raises():
     with pytest.raises(RuntimeError, match="out of memory"):
         layer_logit_features(model, seq, torch.ones_like(seq), torch.tensor([len(encode("q?")) + len(ANCHOR) - 1]))
     assert all(len(block._forward_hooks) == 0 for block in model.model.layers)
+
+
+def test_negative_response_start_is_rejected():
+    with pytest.raises(ValueError, match=r"response_start must be >= 0, got \[-2\]"):
+        find_answer_positions(torch.tensor([encode("q? \\boxed{1}")]), torch.tensor([-2]), tiny_tokenizer())
+
+
+def test_rows_without_tokens_have_no_position():
+    positions = find_answer_positions(torch.zeros((2, 0), dtype=torch.long), torch.tensor([0, 0]), tiny_tokenizer())
+    assert positions.tolist() == [-1, -1]
+
+
+@pytest.mark.parametrize("position", [5, 9, -2], ids=["last-token", "past-the-row", "below-minus-one"])
+def test_positions_without_an_answer_token_after_them_are_rejected(position):
+    model, seq = tiny_model(tiny_tokenizer()), torch.tensor([encode("q? so \\boxed{1}")[:6]])
+    with pytest.raises(ValueError, match=rf"positions\[0\] = {position} is not a token"):
+        layer_logit_features(model, seq, torch.ones_like(seq), torch.tensor([position]), num_layers=2)
+
+
+def test_num_layers_below_one_is_rejected():
+    model, seq = tiny_model(tiny_tokenizer()), torch.tensor([encode("q? so \\boxed{1}")])
+    with pytest.raises(ValueError, match="num_layers must be >= 1, got 0"):
+        layer_logit_features(model, seq, torch.ones_like(seq), torch.tensor([2]), num_layers=0)
