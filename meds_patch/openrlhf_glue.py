@@ -141,7 +141,10 @@ def start_capture(policy, sequences: torch.Tensor, attention_mask: torch.Tensor,
         stale.__exit__(None, None, None)
     batch, length = sequences.shape
     # action_mask covers the last A - 1 transitions: token j of the response window is sequences[:, length - A + j].
-    response_start = action_mask.long().argmax(1) + length - action_mask.shape[1]
+    # A row without action tokens has no response to search (its prompt may well ask for a \boxed{}).
+    response_start = torch.where(
+        action_mask.any(1), action_mask.long().argmax(1) + length - action_mask.shape[1], length
+    )
     positions = find_answer_positions(
         sequences, response_start, policy.tokenizer, args.algo.meds.anchor, attention_mask=attention_mask
     )
@@ -191,9 +194,15 @@ def finish_capture(policy, capture: AnswerHiddenStates) -> torch.Tensor:
 def attach_features(samples_list: List, results: List) -> List[torch.Tensor]:
     """Split the actor's (log-probs, features) results; the features ride on each Experience (not in info)."""
     log_probs = []
-    for samples, (action_log_probs, features) in zip(samples_list, results):
-        samples.meds_features = features
-        log_probs.append(action_log_probs)
+    for samples, result in zip(samples_list, results):
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise RuntimeError(
+                "MEDS: an actor rank returned log-probs without features, so the meds_patch import hook is not "
+                "active in the Python environment Ray uses on that node: install openrlhf-meds there (after an "
+                "editable install, run `python -m meds_patch install-hook`)"
+            )
+        samples.meds_features = result[1]
+        log_probs.append(result[0])
     return log_probs
 
 

@@ -104,6 +104,23 @@ def test_actor_forward_returns_the_core_features_for_padded_batches(batch):
     torch.testing.assert_close(features, expected, equal_nan=True, rtol=1e-5, atol=1e-5)
 
 
+def test_a_row_without_response_tokens_has_no_feature(batch):
+    # Its prompt asks for \boxed{}: with no response the row must not read the prompt's anchor.
+    run, exp = batch
+    action_mask = exp.action_mask.clone()
+    action_mask[0] = False
+    _, features = run.policy.forward(exp.sequences, action_mask, exp.attention_mask)
+    assert torch.isnan(features[0]).all() and torch.isfinite(features[2]).all()
+
+
+def test_log_probs_without_features_say_the_hook_is_missing_on_that_node():
+    from meds_patch.openrlhf_glue import attach_features
+
+    samples = [SimpleNamespace(), SimpleNamespace()]
+    with pytest.raises(RuntimeError, match="import hook is not active"):
+        attach_features(samples, [torch.zeros(2, 5), torch.zeros(2, 5)])  # B = 2 would unpack as a pair
+
+
 def test_actor_forward_reads_the_answer_token_of_each_packed_sequence(batch):
     # The reference is output_hidden_states of the same packed forward (CPU attention does not isolate packed
     # sequences as flash-attn's varlen kernels do, so the padded forward is no reference here).
