@@ -68,6 +68,8 @@ class LocalRayCluster:
             "--disable-usage-stats", *[str(x) for item in ports.items() for x in item],
         ]  # fmt: skip
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        # On two busy cores the dashboard's modules can take longer than Ray's default 30 s to come up.
+        self.env["RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT"] = "180"
         self.env.update(env or {})
         self.process: Optional[subprocess.Popen] = None
 

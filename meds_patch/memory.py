@@ -50,6 +50,37 @@ def cluster_labels(vectors: np.ndarray, config: MEDSConfig) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+def checked_step(keys, correct, features, target: str, stored_width: Optional[int]):
+    """Check one step's inputs; return (correct, features, has_feature, rows to store) as numpy arrays.
+
+    ``stored_width`` is the feature width the memory already holds (None when it holds nothing): a step whose
+    stored rows have another width is rejected. Every error names the argument and what it got.
+    """
+    if isinstance(keys, str):
+        raise ValueError("keys must be a sequence of prompt keys, one per row, not one str")
+    n = len(keys)
+    if hasattr(features, "detach"):  # a torch tensor, maybe bfloat16, which numpy cannot take directly
+        features = features.detach().float().cpu().numpy()
+    features = np.asarray(features, dtype=np.float32)
+    correct = np.asarray(correct)
+    if features.ndim != 2 or features.shape[0] != n or correct.shape != (n,) or features.shape[1] == 0:
+        raise ValueError(
+            f"update needs N keys, N outcomes and an (N, K >= 1) feature array; got {n} keys, "
+            f"outcomes of shape {correct.shape}, features of shape {features.shape}"
+        )
+    bad = [i for i, k in enumerate(keys) if not isinstance(k, str)]
+    if bad:
+        raise ValueError(f"keys must be str prompt keys; row {bad[0]} is {type(keys[bad[0]]).__name__}")
+    if correct.dtype != bool:
+        raise ValueError(f"correct must hold bools, got dtype {correct.dtype}")
+    has_feature = np.isfinite(features).all(axis=1)
+    targeted = {"wrong": ~correct, "right": correct, "both": np.ones(n, dtype=bool)}[target]
+    rows = np.flatnonzero(has_feature & targeted)
+    if rows.size and stored_width not in (None, features.shape[1]):
+        raise ValueError(f"features have {features.shape[1]} values per row, the memory holds {stored_width}")
+    return correct, features, has_feature, rows
+
+
 class ErrorMemory:
     """The MEDS memory: for each (question, outcome) the features of past rollouts and their cluster labels.
 
@@ -82,35 +113,13 @@ class ErrorMemory:
         feature have no feature: they get p = 0 and are not stored. Rows the target excludes get p = 0 and are
         not stored either (with target "wrong", correct rollouts need no memory).
         """
-        if isinstance(keys, str):
-            raise ValueError("keys must be a sequence of prompt keys, one per row, not one str")
         n = len(keys)
         if n == 0 and np.size(features) == 0 and np.size(correct) == 0:
             self.updates += 1
             self.last_step = {}
             return np.zeros(0, dtype=np.float64)
-        if hasattr(features, "detach"):  # a torch tensor, maybe bfloat16, which numpy cannot take directly
-            features = features.detach().float().cpu().numpy()
-        features = np.asarray(features, dtype=np.float32)
-        correct = np.asarray(correct)
-        if features.ndim != 2 or features.shape[0] != n or correct.shape != (n,) or features.shape[1] == 0:
-            raise ValueError(
-                f"update needs N keys, N outcomes and an (N, K >= 1) feature array; got {n} keys, "
-                f"outcomes of shape {correct.shape}, features of shape {features.shape}"
-            )
-        bad = [i for i, k in enumerate(keys) if not isinstance(k, str)]
-        if bad:
-            raise ValueError(f"keys must be str prompt keys; row {bad[0]} is {type(keys[bad[0]]).__name__}")
-        if correct.dtype != bool:
-            raise ValueError(f"correct must hold bools, got dtype {correct.dtype}")
-
-        has_feature = np.isfinite(features).all(axis=1)
-        targeted = {"wrong": ~correct, "right": correct, "both": np.ones(n, dtype=bool)}[self.config.target]
-        rows = np.flatnonzero(has_feature & targeted)
-        if rows.size and self.vectors:
-            dims = {v.shape[1] for v in self.vectors.values()}
-            if dims != {features.shape[1]}:
-                raise ValueError(f"features have {features.shape[1]} values per row, the memory holds {dims}")
+        width = next((v.shape[1] for v in self.vectors.values()), None)
+        correct, features, has_feature, rows = checked_step(keys, correct, features, self.config.target, width)
         # Every check is done: from here on the step changes the memory.
         self.updates += 1
         penalties = np.zeros(n, dtype=np.float64)
@@ -265,9 +274,10 @@ class ErrorMemory:
     def split_state(state: dict, part_of, num_parts: int) -> List[dict]:
         """Split a state into ``num_parts`` states; ``part_of(prompt key)`` says where each memory goes."""
         fields = ("keys", "correct", "vectors", "labels", "arrivals")
-        head = {"version": state["version"], "config": state["config"], "updates": state.get("updates", 0)}
+        head = {"version": state["version"], "config": state.get("config", {}), "updates": state.get("updates", 0)}
         parts = [{**head, **{f: [] for f in fields}} for _ in range(num_parts)]
-        state = dict(state, arrivals=state.get("arrivals") or [None] * len(state["keys"]))
+        arrivals = state.get("arrivals")
+        state = dict(state, arrivals=[None] * len(state["keys"]) if arrivals is None else list(arrivals))
         for row in zip(*(state[f] for f in fields)):
             for f, value in zip(fields, row):
                 parts[part_of(row[0])][f].append(value)

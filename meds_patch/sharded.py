@@ -14,7 +14,7 @@ import numpy as np
 import ray
 
 from meds_patch.config import MEDSConfig
-from meds_patch.memory import ErrorMemory
+from meds_patch.memory import ErrorMemory, checked_step
 
 RESTART_TIMEOUT_S = 300
 COUNTS = ("rows", "without_feature", "non_finite", "stored", "penalised", "wrong", "penalised_wrong")
@@ -49,6 +49,7 @@ class ShardedErrorMemory:
         self.incarnations: List[Optional[str]] = [None] * num_workers
         self.restore_points: List[Optional[ray.ObjectRef]] = [None] * num_workers
         self.last_step: Dict[str, float] = {}
+        self.width: Optional[int] = None  # the feature width the shards hold, once they hold any
 
     def _call(self, index: int, method: str, *args, ref: Optional[ray.ObjectRef] = None):
         """Run ``method`` on a shard. A restarted actor starts empty: before it answers anything, load the last
@@ -70,24 +71,27 @@ class ShardedErrorMemory:
             ref = None
 
     def update(self, keys: Sequence[str], correct: Sequence[bool], features: np.ndarray) -> np.ndarray:
-        correct, features = np.asarray(correct), np.asarray(features, dtype=np.float32)
-        if len(keys) != len(correct) or len(keys) != len(features):
-            raise ValueError(f"update needs N keys, N outcomes and N feature rows; got {len(keys)}, "
-                             f"{len(correct)} and {len(features)}")  # fmt: skip
-        if any(not isinstance(k, str) for k in keys):
-            raise ValueError("keys must be str prompt keys")
+        # Checked here, as one in-process memory would check it, before any shard sees it: a step is taken by every
+        # shard or by none. Every shard takes part in every step (maybe with no row), so each one counts the same
+        # updates and stamps the same arrival numbers as the in-process memory.
+        if len(keys) == 0 and np.size(features) == 0 and np.size(correct) == 0:
+            correct, features, rows = np.zeros(0, bool), np.zeros((0, self.width or 1), np.float32), np.zeros(0, int)
+        else:
+            correct, features, _, rows = checked_step(keys, correct, features, self.config.target, self.width)
         owner = np.array([shard_of(k, len(self.shards)) for k in keys], dtype=np.int64)
-        jobs = {}
-        for index in np.unique(owner):
-            rows = np.flatnonzero(owner == index)
-            args = ([keys[r] for r in rows], correct[rows], features[rows])
-            jobs[index] = (rows, args, self.shards[index].run.remote("update", *args))  # all shards at once
+        jobs = []
+        for index in range(len(self.shards)):
+            mine = np.flatnonzero(owner == index)
+            args = ([keys[r] for r in mine], correct[mine], features[mine])
+            jobs.append((mine, args, self.shards[index].run.remote("update", *args)))  # all shards at once
         penalties = np.zeros(len(keys), dtype=np.float64)
         self.last_step = dict.fromkeys(COUNTS, 0)
-        for index, (rows, args, ref) in jobs.items():
-            penalties[rows], step = self._call(index, "update", *args, ref=ref)
+        for index, (mine, args, ref) in enumerate(jobs):
+            penalties[mine], step = self._call(index, "update", *args, ref=ref)
             for name in COUNTS:
                 self.last_step[name] += step.get(name, 0)
+        if rows.size:
+            self.width = features.shape[1]
         self.last_step["mean_penalty"] = float(penalties.mean()) if len(keys) else 0.0
         self.last_step["max_penalty"] = float(penalties.max()) if len(keys) else 0.0
         return penalties
@@ -103,7 +107,12 @@ class ShardedErrorMemory:
         return ErrorMemory.merge_states(parts)
 
     def load_state_dict(self, state: dict) -> None:
+        """All or nothing: the state is checked in full here (by loading it into a throwaway in-process memory)
+        before any shard is touched."""
+        check = ErrorMemory(self.config)
+        check.load_state_dict(state)
         parts = ErrorMemory.split_state(state, lambda key: shard_of(key, len(self.shards)), len(self.shards))
         self.restore_points = [ray.put(part) for part in parts]
         for index, ref in enumerate(self.restore_points):
             self._call(index, "load_state_dict", ref)
+        self.width = next((v.shape[1] for v in check.vectors.values()), None)

@@ -98,3 +98,44 @@ def test_a_checkpoint_after_a_shard_restart_still_holds_the_restored_memory(loca
     checkpoint = sharded.state_dict()
     kill_and_wait_for_restart(local_ray, sharded, 1)
     assert_same_state(checkpoint, sharded.state_dict())
+
+
+def keys_of_shard(index: int, count: int, shards: int = 2) -> list:
+    return [k for k in (f"question {i}" for i in range(100)) if shard_of(k, shards) == index][:count]
+
+
+def test_a_rejected_step_changes_no_shard(local_ray):
+    sharded = ShardedErrorMemory(MEDSConfig(), num_workers=2)
+    sharded.update(keys_of_shard(0, 3), np.zeros(3, bool), np.ones((3, 6), np.float32))  # shard 1 holds nothing
+    before = sharded.state_dict()
+    keys = keys_of_shard(0, 2) + keys_of_shard(1, 2)
+    with pytest.raises(ValueError, match="5 values per row, the memory holds 6"):
+        sharded.update(keys, np.zeros(4, bool), np.ones((4, 5), np.float32))
+    after = sharded.state_dict()
+    assert_same_state(before, after)
+    assert after["updates"] == before["updates"] == 1
+
+
+def test_every_shard_counts_every_step_as_the_in_process_memory_does(local_ray):
+    local, sharded = ErrorMemory(MEDSConfig()), ShardedErrorMemory(MEDSConfig(), num_workers=2)
+    rng = np.random.default_rng(5)
+    for keys in (keys_of_shard(0, 2) + keys_of_shard(1, 2), keys_of_shard(0, 4), keys_of_shard(1, 4)):
+        batch = (keys, np.zeros(len(keys), bool), rng.standard_normal((len(keys), 6)).astype(np.float32))
+        local.update(*batch)
+        sharded.update(*batch)
+    a, b = local.state_dict(), sharded.state_dict()
+    assert b["updates"] == a["updates"] == 3
+    for x, y in zip(a["arrivals"], b["arrivals"]):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_a_bad_state_loads_into_no_shard(local_ray):
+    sharded = ShardedErrorMemory(MEDSConfig(), num_workers=2)
+    for batch in steps(6, count=1):
+        sharded.update(*batch)
+    before = sharded.state_dict()
+    state = sharded.state_dict()
+    state["labels"][-1] = np.zeros(len(state["labels"][-1]) + 1, np.int64)
+    with pytest.raises(ValueError, match="vectors"):
+        sharded.load_state_dict(state)
+    assert_same_state(before, sharded.state_dict())
