@@ -5,6 +5,7 @@ the results are exactly those of one in-process memory. Ray restarts a shard tha
 the state of the last checkpoint (saved or restored through this object) and the step is retried once.
 """
 
+import logging
 import time
 import uuid
 import zlib
@@ -16,6 +17,7 @@ import ray
 from meds_patch.config import MEDSConfig
 from meds_patch.memory import ErrorMemory, checked_step
 
+logger = logging.getLogger(__name__)
 RESTART_TIMEOUT_S = 300
 COUNTS = ("rows", "without_feature", "non_finite", "stored", "penalised", "wrong", "penalised_wrong")
 
@@ -63,6 +65,12 @@ class ShardedErrorMemory:
                     return result, step
                 if self.restore_points[index] is not None:
                     ray.get(self.shards[index].run.remote("load_state_dict", self.restore_points[index]))
+                    logger.warning(
+                        f"MEDS: memory shard {index} restarted and got back the state of the last checkpoint; "
+                        "what it stored since then is lost"
+                    )
+                else:
+                    logger.warning(f"MEDS: memory shard {index} restarted with no checkpoint to restore: it is empty")
                 self.incarnations[index] = incarnation
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
                 if time.monotonic() > deadline:

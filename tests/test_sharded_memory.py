@@ -75,7 +75,7 @@ def test_sharded_memory_restores_a_checkpoint_state(local_ray):
         np.testing.assert_array_equal(local.update(*batch), sharded.update(*batch))
 
 
-def test_a_dead_shard_comes_back_with_the_last_checkpoint(local_ray):
+def test_a_dead_shard_comes_back_with_the_last_checkpoint(local_ray, caplog):
     sharded, reference = ShardedErrorMemory(MEDSConfig(), num_workers=2), ErrorMemory(MEDSConfig())
     batches = list(steps(3, count=3))
     for batch in batches[:2]:
@@ -85,6 +85,7 @@ def test_a_dead_shard_comes_back_with_the_last_checkpoint(local_ray):
     kill_and_wait_for_restart(local_ray, sharded, 0)
     penalties = sharded.update(*batches[2])
     np.testing.assert_array_equal(penalties, reference.update(*batches[2]))
+    assert "memory shard 0 restarted and got back the state of the last checkpoint" in caplog.text
     restored = ErrorMemory(MEDSConfig())
     restored.load_state_dict(checkpoint)
     restored.update(*batches[2])
@@ -139,3 +140,11 @@ def test_a_bad_state_loads_into_no_shard(local_ray):
     with pytest.raises(ValueError, match="vectors"):
         sharded.load_state_dict(state)
     assert_same_state(before, sharded.state_dict())
+
+
+def test_a_shard_restarted_before_any_checkpoint_says_it_is_empty(local_ray, caplog):
+    sharded = ShardedErrorMemory(MEDSConfig(), num_workers=2)
+    sharded.update(*next(steps(7, count=1)))
+    kill_and_wait_for_restart(local_ray, sharded, 1)
+    sharded.summary()
+    assert "memory shard 1 restarted with no checkpoint to restore: it is empty" in caplog.text
