@@ -72,7 +72,9 @@ class ShardedErrorMemory:
                 else:
                     logger.warning(f"MEDS: memory shard {index} restarted with no checkpoint to restore: it is empty")
                 self.incarnations[index] = incarnation
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+                if getattr(err, "actor_init_failed", False):  # its constructor raised: a restart would too
+                    raise RuntimeError(f"MEDS: memory shard {index} could not be created: {err}") from err
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)

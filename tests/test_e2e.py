@@ -74,9 +74,10 @@ def test_weight_sync_keeps_vllm_on_the_trained_policy(sync_run):
 
 
 def test_dropping_the_synced_weights_lets_vllm_drift(tmp_path):
-    # The same run on a cluster whose vLLM receives the weights but does not load them.
+    # The same run on a cluster whose vLLM receives the weights but does not load them. The gap grows with every
+    # step the policy moves away from vLLM's (0.06 after one step, 0.13 after two in one run): five steps.
     with LocalRayCluster(env={**CPU_ENV, "MEDS_CPU_DROP_WEIGHT_SYNC": "1"}) as cluster:
-        run = train(cluster, str(tmp_path), 3, *WEIGHT_SYNC_ARGS, meds=False)
+        run = train(cluster, str(tmp_path), 5, *WEIGHT_SYNC_ARGS, meds=False)
     gaps = run.series("train/vllm_kl")
     assert abs(gaps[0]) < 0.02 and max(abs(g) for g in gaps[1:]) > 0.1, gaps
 

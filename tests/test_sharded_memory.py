@@ -148,3 +148,10 @@ def test_a_shard_restarted_before_any_checkpoint_says_it_is_empty(local_ray, cap
     kill_and_wait_for_restart(local_ray, sharded, 1)
     sharded.summary()
     assert "memory shard 1 restarted with no checkpoint to restore: it is empty" in caplog.text
+
+
+def test_a_shard_that_cannot_be_created_fails_at_once_with_rays_reason(local_ray):
+    # A two-element array as config: ErrorMemory's `config or MEDSConfig()` raises inside the actor's constructor.
+    sharded = ShardedErrorMemory(np.array([1, 2]), num_workers=1)
+    with pytest.raises(RuntimeError, match="(?s)memory shard 0 could not be created.*truth value of an array"):
+        sharded.summary()
