@@ -148,6 +148,7 @@ def training_args(model: str, prompts: str, save: str, episodes: int, meds: bool
         "--train.num_episodes", str(episodes), "--rollout.temperature", "1.0",
         "--actor.adam.lr", "1e-4", "--actor.lr_scheduler", "constant",
         "--ckpt.path", os.path.join(save, "ckpt"), "--ckpt.save_steps", "1", "--ckpt.load_enable",
+        "--ckpt.output_dir", os.path.join(save, "model"),  # the trained model (upstream's default: ./ckpt)
         "--logger.tensorboard_dir", os.path.join(save, "tensorboard"), "--logger.wandb.run_name", "demo",
     ]  # fmt: skip
     if meds:
