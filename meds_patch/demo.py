@@ -85,10 +85,10 @@ class LocalRayCluster:
 
     def start(self, timeout: float = 180) -> "LocalRayCluster":
         """Start the head and return once its job API answers; on any failure or interrupt, stop what started."""
-        log = open(os.path.join(self.temp_dir, "ray-start.log"), "w")
-        self.process = subprocess.Popen(
-            self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        with open(os.path.join(self.temp_dir, "ray-start.log"), "w") as log:  # the head keeps its own copy
+            self.process = subprocess.Popen(
+                self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         try:
             deadline = time.time() + timeout
             while self.process.poll() is None:

@@ -15,8 +15,8 @@ WEIGHT_SYNC_ARGS = ["--actor.adam.lr", "1e-3", "--algo.advantage.is_correction_l
 
 
 class Run:
-    def __init__(self, folder, code, lines):
-        self.folder, self.code, self.log = folder, code, "\n".join(lines)
+    def __init__(self, folder, lines):
+        self.folder, self.log = folder, "\n".join(lines)
 
     def scalars(self, prefix=""):
         return scalars(os.path.join(self.folder, "tensorboard"), prefix)
@@ -32,7 +32,7 @@ def train(cluster, folder, episodes, *extra, meds=True):
     lines = []
     code = submit(cluster, args, os.path.join(folder, "job.log"), lines.append)
     assert code == 0, "\n".join(lines[-60:])
-    return Run(folder, code, lines)
+    return Run(folder, lines)
 
 
 @pytest.fixture(scope="module")
