@@ -6,3 +6,4 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 python bench/feature_overhead.py "$@"
 python bench/controller_scaling.py
+python bench/answer_search.py

@@ -1,5 +1,6 @@
 """Layer-wise logits at the answer token (MEDS_SPEC.md §1), read from a forward pass the trainer already runs."""
 
+import bisect
 import functools
 from typing import Optional
 
@@ -8,6 +9,7 @@ import torch
 # The fallback anchor search looks for the "{" in this many tokens, starting at the token that mentions "boxed"
 # (the authors' range(idx, idx + 10)).
 FALLBACK_WINDOW = 10
+ANCHOR_SEARCHES = ("tokens", "text")
 
 
 def find_answer_positions(
@@ -16,6 +18,7 @@ def find_answer_positions(
     tokenizer,
     anchor: str = "\\boxed{",
     attention_mask: Optional[torch.Tensor] = None,
+    search: str = "tokens",
 ) -> torch.LongTensor:
     """Return, per row, the position p of the token that ends the last ``anchor`` in the response, or -1.
 
@@ -23,9 +26,15 @@ def find_answer_positions(
     A row ends at the last 1 of ``attention_mask`` if given, else before its trailing pad tokens (right padding).
     When the anchor's exact token ids are absent, the last response token whose text contains "boxed" is
     found and p is the first token from it through the next 9 whose text contains "{"; when those 10 tokens
-    hold no "{", the next earlier "boxed" token is tried (the authors' search). A row gets -1 when nothing
-    matches or when p is its last token (there is no answer token to read).
+    hold no "{", the next earlier "boxed" token is tried (the authors' search, ``search="tokens"``).
+
+    ``search="text"`` instead decodes the response and takes the token that ends the last ``anchor`` in that
+    text, however the tokenizer split it (" \\boxed{" in running text encodes differently from "\\boxed{" in
+    byte-level BPEs, so the token search can prefer an earlier exact box); no fallback. A row gets -1 when
+    nothing matches or when p is its last token (there is no answer token to read).
     """
+    if search not in ANCHOR_SEARCHES:
+        raise ValueError(f"search must be one of {ANCHOR_SEARCHES}, got {search!r}")
     if sequences.dim() != 2:
         raise ValueError(f"sequences must be (B, T), got shape {tuple(sequences.shape)}")
     seq = sequences.detach().cpu().long()
@@ -49,6 +58,30 @@ def find_answer_positions(
         valid = torch.ones_like(seq, dtype=torch.bool)
     end = torch.where(valid.any(1), length - valid.flip(1).long().argmax(1), 0)  # one past the last real token
     in_response = (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
+
+    if search == "text":
+        if not anchor:
+            raise ValueError("anchor must be a non-empty string")
+        positions = torch.full((batch,), -1, dtype=torch.long)
+        responses = [seq[row, start[row] : end[row]].tolist() for row in range(batch)]
+        for row, (ids, text) in enumerate(zip(responses, tokenizer.batch_decode(responses))):
+            if anchor not in text:
+                continue
+            # Decoding a whole response per probe costs about a millisecond per thousand tokens, and the answer
+            # sits near the end: widen a window back from the end until its text holds the anchor.
+            window = 16
+            while anchor not in tokenizer.decode(ids[-window:]):
+                window *= 2
+            tail = ids[-window:]
+            # Where the last anchor starts: the last token whose suffix text still holds it. Where it ends: the
+            # first token at which the text from there holds it. Decoding keeps the tokenizer's own spacing.
+            first = bisect.bisect_left(range(len(tail)), True, key=lambda j: anchor not in tokenizer.decode(tail[j:]))
+            first -= 1
+            last = bisect.bisect_left(
+                range(first, len(tail)), True, key=lambda j: anchor in tokenizer.decode(tail[first : j + 1])
+            )
+            positions[row] = end[row] - len(tail) + first + last
+        return torch.where(positions + 1 < end, positions, torch.full_like(positions, -1))
 
     anchor_ids = torch.tensor(tokenizer.encode(anchor, add_special_tokens=False), dtype=torch.long)
     if anchor_ids.numel() == 0:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from meds_patch.config import TARGETS, MEDSConfig
-from meds_patch.features import AnswerHiddenStates, find_answer_positions
+from meds_patch.features import ANCHOR_SEARCHES, AnswerHiddenStates, find_answer_positions
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_ANCHOR,
         help=f"text whose last occurrence in the response marks the answer (default: {DEFAULT_ANCHOR})",
     )
+    group.add_argument(
+        "--algo.meds.anchor_search",
+        choices=ANCHOR_SEARCHES,
+        default="tokens",
+        help="tokens: the anchor's token ids, then a 'boxed' token and a '{' after it (the authors' search); "
+        "text: the last anchor in the decoded response, which a box written mid-sentence cannot escape "
+        "(about 1 ms more per 4k-token response) (default: tokens)",
+    )
 
 
 def meds_config(args) -> MEDSConfig:
@@ -93,7 +101,8 @@ def meds_config(args) -> MEDSConfig:
 def validate_arguments(args) -> None:
     """Fail before any Ray actor starts when the MEDS flags cannot work together with the rest."""
     if not enabled(args):
-        defaults = {**{f.name: f.default for f in fields(MEDSConfig)}, "num_workers": 0, "anchor": DEFAULT_ANCHOR}
+        defaults = {f.name: f.default for f in fields(MEDSConfig)}
+        defaults.update(num_workers=0, anchor=DEFAULT_ANCHOR, anchor_search="tokens")
         changed = [f"--algo.meds.{name}" for name, value in defaults.items() if getattr(args.algo.meds, name) != value]
         if changed:
             raise ValueError(f"{', '.join(changed)} given without --meds: add --meds to enable MEDS")
@@ -146,7 +155,12 @@ def start_capture(policy, sequences: torch.Tensor, attention_mask: torch.Tensor,
         action_mask.any(1), action_mask.long().argmax(1) + length - action_mask.shape[1], length
     )
     positions = find_answer_positions(
-        sequences, response_start, policy.tokenizer, args.algo.meds.anchor, attention_mask=attention_mask
+        sequences,
+        response_start,
+        policy.tokenizer,
+        args.algo.meds.anchor,
+        attention_mask=attention_mask,
+        search=args.algo.meds.anchor_search,
     )
     rows = torch.arange(batch)
     valid = positions >= 0

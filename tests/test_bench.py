@@ -21,3 +21,8 @@ def test_controller_scaling_bench_prints_its_table():
 def test_feature_overhead_bench_prints_its_table():
     out = run("bench/feature_overhead.py", "--quick")
     assert all(variant in out for variant in ("plain", "hooks", "hidden_states"))
+
+
+def test_answer_search_bench_prints_its_table():
+    out = run("bench/answer_search.py", "--quick")
+    assert "| 64 | box |" in out and "| 64 | no box |" in out

@@ -114,6 +114,61 @@ def test_no_box_gives_minus_one():
     assert positions.tolist() == [-1]
 
 
+# A bare first box matches the anchor's ids exactly; the final box, in running text, does not.
+FIRST_BOX, BETWEEN, FINAL_BOX = ANCHOR + encode("1}"), encode(" so the answer is \\boxed{"), encode("3}.")
+
+
+def find(rows, search, prompt_len=2):
+    return find_answer_positions(
+        right_pad(rows), torch.tensor([prompt_len] * len(rows)), tiny_tokenizer(), search=search
+    )
+
+
+def test_token_search_prefers_an_exact_earlier_box_to_a_final_box_in_running_text():
+    prompt = encode("q?")
+    assert find([prompt + FIRST_BOX + BETWEEN + FINAL_BOX], "tokens", len(prompt)).tolist() == [
+        len(prompt) + len(ANCHOR) - 1
+    ]
+
+
+def test_text_search_reads_the_final_box_in_the_decoded_text():
+    prompt = encode("q?")
+    assert find([prompt + FIRST_BOX + BETWEEN + FINAL_BOX], "text", len(prompt)).tolist() == [
+        len(prompt) + len(FIRST_BOX) + len(BETWEEN) - 1
+    ]
+
+
+def test_text_search_ends_at_the_token_holding_the_anchors_last_character():
+    # "answer is" spans the tokens ' answer' and ' is' and starts inside ' answer': p is ' is'.
+    prompt, before, after = encode("q?"), encode(" so the answer is"), encode(" 4, done")
+    assert [tiny_tokenizer().decode([t]) for t in before[-2:]] == [" answer", " is"]
+    positions = find_answer_positions(
+        torch.tensor([prompt + before + after]),
+        torch.tensor([len(prompt)]),
+        tiny_tokenizer(),
+        "swer is",
+        search="text",
+    )
+    assert positions.tolist() == [len(prompt) + len(before) - 1]
+
+
+def test_text_search_finds_an_anchor_far_from_the_end():
+    prompt, head, tail = encode("q?"), encode(" so \\boxed{"), encode(" 1 + 2 = 3") * 12
+    assert len(tail) > 32  # past the first windows of the search back from the end
+    assert find([prompt + head + tail], "text", len(prompt)).tolist() == [len(prompt) + len(head) - 1]
+
+
+def test_text_search_ignores_the_prompt_and_needs_an_answer_token():
+    prompt = encode("put it in") + ANCHOR + encode("}")
+    no_box, box_last = prompt + encode(" no box here"), prompt + encode(" so") + ANCHOR
+    assert find([no_box, box_last], "text", len(prompt)).tolist() == [-1, -1]
+
+
+def test_unknown_search_is_rejected():
+    with pytest.raises(ValueError, match=r"search must be one of \('tokens', 'text'\), got 'regex'"):
+        find([encode("q? \\boxed{1}")], "regex")
+
+
 def reference_features(model, sequences, attention_mask, positions, num_layers):
     """What the spec defines, computed the expensive way through output_hidden_states."""
     with torch.no_grad():

@@ -160,7 +160,11 @@ def test_cli_help_lists_every_meds_flag():
         """)
     from meds_patch import MEDSConfig
 
-    flags = ["--meds"] + [f"--algo.meds.{name}" for name in MEDSConfig.field_names()] + ["--algo.meds.anchor"]
+    flags = (
+        ["--meds"]
+        + [f"--algo.meds.{name}" for name in MEDSConfig.field_names()]
+        + ["--algo.meds.anchor", "--algo.meds.anchor_search"]
+    )
     assert all(flag in result.stdout for flag in flags), result.stderr[-2000:]
 
 

@@ -39,7 +39,10 @@ def test_meds_options_without_meds_are_rejected():
         parse_train_args([*BASE_ARGS, "--algo.meds.alpha", "0.2"])
 
 
-@pytest.mark.parametrize("flag, value", [("--algo.meds.num_workers", "2"), ("--algo.meds.anchor", "ANSWER:")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--algo.meds.num_workers", "2"), ("--algo.meds.anchor", "ANSWER:"), ("--algo.meds.anchor_search", "text")],
+)
 def test_glue_options_without_meds_are_rejected(flag, value):
     with pytest.raises(ValueError, match=f"{flag} given without --meds"):
         parse_train_args([*BASE_ARGS, flag, value])
@@ -111,6 +114,28 @@ def test_a_row_without_response_tokens_has_no_feature(batch):
     action_mask[0] = False
     _, features = run.policy.forward(exp.sequences, action_mask, exp.attention_mask)
     assert torch.isnan(features[0]).all() and torch.isfinite(features[2]).all()
+
+
+def test_anchor_search_text_reaches_the_actor_forward(batch):
+    # Row 0's response becomes "\boxed{1} is \boxed{3}": only the text search reads the 3.
+    run, exp = batch
+    tok = run.tokenizer
+    start = exp.sequences.shape[1] - exp.action_mask.shape[1] + int(exp.action_mask[0].long().argmax())
+    first, between, last = (tok.encode(t, add_special_tokens=False) for t in ("\\boxed{1}", " is \\boxed{", "3}"))
+    response = first + between + last
+    sequences, attention_mask = exp.sequences.clone(), exp.attention_mask.clone()
+    sequences[0, start:] = tok.pad_token_id
+    sequences[0, start : start + len(response)] = torch.tensor(response)
+    attention_mask[0, start + len(response) :] = 0
+    run.args.algo.meds.anchor_search = "text"
+    try:
+        _, features = run.policy.forward(sequences, exp.action_mask, attention_mask)
+    finally:
+        run.args.algo.meds.anchor_search = "tokens"
+    positions = torch.full((len(sequences),), -1)
+    positions[0] = start + len(first) + len(between) - 1
+    expected = layer_logit_features(run.policy.actor.model, sequences, attention_mask, positions, num_layers=4)
+    torch.testing.assert_close(features[0], expected[0], rtol=1e-5, atol=1e-5)
 
 
 def test_log_probs_without_features_say_the_hook_is_missing_on_that_node():
