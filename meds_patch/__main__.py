@@ -1,4 +1,4 @@
-"""Commands: ``python -m meds_patch diff | install-hook | demo | report``."""
+"""Commands: ``python -m meds_patch diff | install-hook | demo | report | data``."""
 
 import argparse
 import difflib
@@ -7,6 +7,7 @@ import sys
 import sysconfig
 
 from meds_patch import hook
+from meds_patch.data import ALL_SETS, build
 
 
 def print_diff() -> int:
@@ -54,11 +55,24 @@ def main(argv=None) -> int:
     report = sub.add_parser("report", help="summarise a checkpoint's error memory as Markdown and PNG plots")
     report.add_argument("checkpoint", help="--ckpt.path of a run, its _actor folder, or one checkpoint tag folder")
     report.add_argument("--out", default=None, help="output folder (default: <checkpoint>/meds_report)")
+    data = sub.add_parser("data", help="build the recipes' training and evaluation JSONL files from the Hub")
+    data.add_argument("--out", default=os.path.expanduser("~/data"), help="output folder (default: ~/data)")
+    data.add_argument(
+        "--sets",
+        nargs="+",
+        choices=ALL_SETS,
+        default=ALL_SETS,
+        metavar="SET",
+        help=f"any of {', '.join(ALL_SETS)} (default: all)",
+    )
     args = parser.parse_args(argv)
     if args.command == "diff":
         return print_diff()
     if args.command == "install-hook":
         return install_hook()
+    if args.command == "data":
+        print(build(args.out, args.sets))
+        return 0
     if args.command == "report":
         from meds_patch.report import write_report
 
