@@ -36,9 +36,12 @@ setup(
         "scikit-learn>=1.3",
         "numpy",
         "torch",
+        "math-verify>=0.7",
+        "pebble>=5.0",
+        "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "math-verify>=0.7", "matplotlib"],
+        "test": ["pytest"],
         "vllm": ["openrlhf[vllm]==0.11.2"],
     },
     cmdclass={"build_py": build_py_with_hook},

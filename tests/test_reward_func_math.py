@@ -1,9 +1,20 @@
+import asyncio
 import importlib.util
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+
+from meds_patch import math_reward
 
 _PATH = Path(__file__).resolve().parents[1] / "examples" / "reward_func_math.py"
 _SPEC = importlib.util.spec_from_file_location("reward_func_math", _PATH)
@@ -11,6 +22,19 @@ reward_func_math = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(reward_func_math)
 
 PROMPT = "<|user|>Solve the problem and put the final answer in \\boxed{}.<|assistant|>"
+LIMIT = 2.0  # seconds per answer in these tests (MEDS_REWARD_TIMEOUT), instead of the default 5
+# Time to notice a timeout, kill the worker and hand back the result, on a busy 2-core machine.
+MARGIN = 3.0
+# Answers that keep sympy busy for minutes (issue 9): towers of powers and iterated factorials.
+HANGING_ANSWERS = ["9^{9^{9^{9}}}", "10^{10^{10^{10}}}", "9!!!!!", "(10^{10})!"]
+WORKERS = int(os.environ.get("MEDS_REWARD_WORKERS", min(math_reward.DEFAULT_MAX_WORKERS, os.cpu_count())))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def short_limit():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEDS_REWARD_TIMEOUT", str(LIMIT))
+        yield
 
 
 def score(response, label, prompt=PROMPT):
@@ -127,3 +151,132 @@ def test_query_not_starting_with_prompt():
 def test_box_in_prompt_is_not_judged():
     prompt = PROMPT + " Example: \\boxed{42}."
     assert score("I do not know.", "42", prompt=prompt) == 0.0
+
+
+def test_intervals_compare_endpoints_and_brackets():
+    assert score("\\boxed{[1, 2)}", "[1,2)") == 1.0
+    assert score("\\boxed{(1, 2]}", "[1,2)") == 0.0
+    assert score("\\boxed{(-\\infty, 3] \\cup [5, \\infty)}", "(-\\infty,3]\\cup[5,\\infty)") == 1.0
+
+
+def test_sets_ignore_order_but_not_members():
+    assert score("\\boxed{\\{1, 2, 3\\}}", "\\{3, 2, 1\\}") == 1.0
+    assert score("\\boxed{\\{1, 2\\}}", "\\{1, 2, 3\\}") == 0.0
+
+
+def test_units_and_symbols_after_a_number_are_ignored():
+    assert score("\\boxed{5\\text{ cm}}", "5") == 1.0
+    assert score("\\boxed{30^\\circ}", "30") == 1.0
+    assert score("\\boxed{12\\%}", "12") == 1.0
+
+
+def test_text_answers_compare_as_text():
+    assert score("\\boxed{\\text{Monday}}", "Monday") == 1.0
+    assert score("\\boxed{\\text{Tuesday}}", "Monday") == 0.0
+    assert score("\\boxed{\\textbf{(B)}}", "B") == 1.0
+
+
+async def timed_call(response, label):
+    """One rollout's reward the way OpenRLHF 0.11.2 asks for it, and the seconds until it came back."""
+    start = time.perf_counter()
+    result = await asyncio.to_thread(reward_func_math.reward_func, [PROMPT + response], [PROMPT], [label])
+    return result, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("answer", HANGING_ANSWERS)
+def test_hanging_answer_scores_zero_within_the_limit(answer):
+    result, seconds = asyncio.run(timed_call(f"\\boxed{{{answer}}}", "81"))
+    assert result["rewards"].item() == 0.0 and result["scores"].item() == 0.0
+    assert result["extra_logs"]["verify_timeout"].item() == 1.0
+    assert seconds < LIMIT + MARGIN
+
+
+def test_calls_from_many_threads_at_once_all_return_in_time():
+    # Every hanging answer and as many ordinary ones in flight together: each worker takes the hanging answers
+    # in turn, so the last call waits for ceil(4 / WORKERS) limits; ordinary answers keep their grade.
+    calls = [(f"\\boxed{{{answer}}}", "81", 0.0) for answer in HANGING_ANSWERS]
+    calls += [("\\boxed{\\dfrac{1}{2}}", "0.5", 1.0), ("\\boxed{7}", "8", 0.0)] * 2
+
+    async def all_at_once():
+        return await asyncio.gather(*(timed_call(response, label) for response, label, _ in calls))
+
+    results = asyncio.run(all_at_once())
+    assert [result["rewards"].item() for result, _ in results] == [expected for _, _, expected in calls]
+    timed_out = [result["extra_logs"]["verify_timeout"].item() for result, _ in results]
+    assert timed_out == [1.0] * 4 + [0.0] * 4
+    assert max(seconds for _, seconds in results) < math.ceil(len(HANGING_ANSWERS) / WORKERS) * LIMIT + MARGIN
+
+
+def test_ordinary_answers_grade_normally_after_a_timeout():
+    assert score("\\boxed{9^{9^{9^{9}}}}", "81") == 0.0
+    with ThreadPoolExecutor(4) as threads:
+        rewards = list(threads.map(score, ["\\boxed{\\frac{1}{2}}", "\\boxed{3}"] * 4, ["0.5", "4"] * 4))
+    assert rewards == [1.0, 0.0] * 4
+
+
+def test_timeout_is_logged_with_the_answer_truncated(caplog):
+    answer = "9^{9^{9^{9}}}" + "+1" * 300
+    with caplog.at_level(logging.WARNING, logger="meds_patch.math_reward"):
+        assert score(f"\\boxed{{{answer}}}", "81") == 0.0
+    [message] = [record.getMessage() for record in caplog.records if record.name == "meds_patch.math_reward"]
+    assert repr(answer[:200]) in message and answer[:201] not in message
+    assert f"over {LIMIT:g} s" in message
+
+
+@pytest.mark.parametrize("variable", ["MEDS_REWARD_TIMEOUT", "MEDS_REWARD_WORKERS"])
+@pytest.mark.parametrize("value", ["0", "-2", "soon", "nan", "inf"])
+def test_bad_settings_are_rejected_by_name(monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=variable):
+        score("\\boxed{1}", "1")
+
+
+_OPENRLHF_LIKE_CALLER = """
+import asyncio, importlib.util, json, multiprocessing, sys, time
+
+
+def main():
+    import torch  # the caller's own torch, as in a vLLM actor
+
+    torch.ones(1)
+    spec = importlib.util.spec_from_file_location("reward_func", sys.argv[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.reward_func(["\\\\boxed{1}"], [""], ["1"])  # starts the pool
+
+    async def two_rollouts():
+        return await asyncio.gather(
+            asyncio.to_thread(module.reward_func, ["\\\\boxed{(10^{10})!}"], [""], ["1"]),
+            asyncio.to_thread(module.reward_func, ["\\\\boxed{1/2}"], [""], ["0.5"]),
+        )
+
+    start = time.perf_counter()
+    hanging, ordinary = asyncio.run(two_rollouts())
+    seconds = time.perf_counter() - start
+    workers = [child.pid for child in multiprocessing.active_children() if child.name == "pebble_pool_worker"]
+    maps = {pid: open(f"/proc/{pid}/maps").read() for pid in ["self", *workers]}
+    print(json.dumps({
+        "rewards": [hanging["rewards"].item(), ordinary["rewards"].item()],
+        "seconds": seconds,
+        "workers": len(workers),
+        "libtorch": {str(pid): "libtorch" in text for pid, text in maps.items()},
+    }))
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_works_loaded_by_path_under_a_script_main_and_workers_carry_no_torch(tmp_path):
+    # OpenRLHF's vLLM actors run under Ray's worker script (a __main__ with a path, which worker processes
+    # import again) and load this file by path; the workers must not inherit the caller's torch.
+    script = tmp_path / "actor.py"
+    script.write_text(_OPENRLHF_LIKE_CALLER)
+    run = subprocess.run([sys.executable, str(script), str(_PATH)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["rewards"] == [0.0, 1.0]
+    assert report["seconds"] < LIMIT + MARGIN
+    assert report["workers"] >= 1 and report["libtorch"].pop("self") is True
+    assert not any(report["libtorch"].values())
