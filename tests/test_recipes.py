@@ -1,4 +1,5 @@
-"""The recipes in examples/scripts: what each one really hands to ``train_ppo_ray``, read by the real patched parser.
+"""The recipes in examples/scripts: what each one really hands to ``train_ppo_ray``, read by the real patched parser,
+checked against a table of the MEDS authors' settings; and the zero-alpha baseline, run through the glue.
 
 Each recipe runs under bash with a stand-in ``ray`` first on PATH. The stand-in does what ``ray job submit`` of
 Ray 2.x does with the entrypoint — ``subprocess.list2cmdline`` of the words after ``--``, run by the job supervisor
@@ -18,24 +19,113 @@ import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any, Callable, NamedTuple, Tuple, Union
 
+import numpy as np
 import pytest
+import torch
 
+from meds_patch.config import MEDSConfig
+from meds_patch.penalty import apply_penalties, penalty_term
 from tests.inprocess import parse_train_args
+
+# The glue's experience-maker fixtures: a patched and a pristine upstream maker, and a 4-rollout step.
+from tests.test_openrlhf_glue import experiences, maker_for, makers  # noqa: F401 (makers is a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "examples" / "scripts"
-SLURM = SCRIPTS / "train_meds_ray_slurm.sh"
-RECIPES = {  # script: alpha, response tokens, DAPO (dynamic filtering on)
-    "train_meds_dapo_qwen2.5_math_7b.sh": SimpleNamespace(alpha=0.1, response=3072, dapo=True),
-    "train_meds_dapo_qwen3_4b_base.sh": SimpleNamespace(alpha=0.1, response=7168, dapo=True),
-    "train_meds_dapo_qwen3_8b_base.sh": SimpleNamespace(alpha=0.01, response=7168, dapo=True),
-    "train_meds_grpo_qwen2.5_math_7b.sh": SimpleNamespace(alpha=0.1, response=3072, dapo=False),
+RECIPES = {  # script: the MEDS arm's alpha, the response length and where both come from
+    "train_meds_qwen2.5_math_7b.sh": SimpleNamespace(
+        alpha=0.1, response=3072, source="run_meds.sh: penalty_coef=0.1, max_response_length=3072"
+    ),
+    "train_meds_qwen3_4b_base.sh": SimpleNamespace(
+        alpha=0.1, response=7168, source="MEDS_SPEC.md §4-5 (the paper); run_grpo.sh: max_response_length=7168"
+    ),
+    "train_meds_qwen3_8b_base.sh": SimpleNamespace(
+        alpha=0.01, response=7168, source="MEDS_SPEC.md §4 (alpha 0.005-0.02), §5; run_grpo.sh: 7168"
+    ),
 }
+ALGOS = ("dapo", "grpo")
 QWEN_MATH_PROMPT = (
     "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
     "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 )
+
+
+def updates_per_rl_step(args) -> int:
+    return args.rollout.batch_size * args.rollout.n_samples_per_prompt // args.train.batch_size
+
+
+class Setting(NamedTuple):
+    arms: Tuple[str, ...]
+    what: str
+    read: Union[str, Callable[[Any], Any]]  # a dotted key of the parsed arguments, or a function of them
+    expected: Any
+    source: str
+
+
+BOTH = ALGOS
+# The authors' settings, one row each (github.com/Linxi000/MEDS, recipe/MEDS/: run_meds.sh and run_dapo.sh for
+# the DAPO arm, run_grpo.sh for the GRPO arm). "verl default" rows are settings their scripts leave at the
+# default of veRL's config files in their fork (verl/trainer/config/).
+AUTHORS = [
+    Setting(BOTH, "advantage", "algo.advantage.estimator", "group_norm", "all three: algorithm.adv_estimator=grpo"),
+    Setting(BOTH, "prompts per step", "rollout.batch_size", 512, "train_prompt_bsz=512; data.train_batch_size=512"),
+    Setting(BOTH, "rollouts per prompt", "rollout.n_samples_per_prompt", 16, "n_resp_per_prompt=16; rollout.n=16"),
+    Setting(BOTH, "prompt tokens", lambda a: a.data.max_len - a.rollout.max_new_tokens, 1024,
+            "all three: data.max_prompt_length=1024"),  # fmt: skip
+    Setting(BOTH, "temperature", "rollout.temperature", 1.0, "all three: rollout.temperature=1.0"),
+    Setting(BOTH, "top_p", "rollout.top_p", 1.0, "all three: rollout.top_p=1.0"),
+    Setting(BOTH, "epochs per batch", "train.max_epochs", 1, "verl default actor.ppo_epochs=1"),
+    Setting(BOTH, "lr", "actor.adam.lr", 1e-6, "all three: actor.optim.lr=1e-6"),
+    Setting(BOTH, "Adam betas", "actor.adam.betas", (0.9, 0.999), "verl default optim.betas=[0.9, 0.999]"),
+    Setting(BOTH, "grad clip", "actor.max_norm", 1.0, "run_meds.sh: actor.grad_clip=1.0; verl default 1.0"),
+    Setting(BOTH, "entropy bonus", lambda a: bool(a.actor.entropy_coef), False, "all three: actor.entropy_coeff=0"),
+    Setting(BOTH, "gradient checkpointing", "actor.gradient_checkpointing_enable", True,
+            "all three: model.enable_gradient_checkpointing=True"),  # fmt: skip
+    Setting(BOTH, "GPUs", lambda a: a.actor.num_nodes * a.actor.num_gpus_per_node, 8,
+            "all three: trainer.n_gpus_per_node=8, NNODES=1"),  # fmt: skip
+    Setting(BOTH, "vLLM tensor parallel", "vllm.tensor_parallel_size", 1, "rollout.tensor_model_parallel_size=1"),
+    Setting(BOTH, "eval data", lambda a: Path(a.eval.dataset).name, "aime24.jsonl", "TEST_FILE=aime-2024.parquet"),
+    Setting(BOTH, "eval every", "eval.steps", 2, "all three: trainer.test_freq=2"),
+    Setting(BOTH, "eval samples", "eval.n_samples_per_prompt", 1, "run_meds.sh: val_kwargs.n=1; verl default 1"),
+    Setting(BOTH, "checkpoint every", "ckpt.save_steps", 50, "all three: trainer.save_freq=50"),
+    Setting(BOTH, "best-eval checkpoints", "ckpt.best_metric_key", "none", "veRL saves at save_freq only"),
+    Setting(BOTH, "epochs", "train.num_episodes", 100, "trainer.total_epochs=100"),
+    Setting(BOTH, "MEDS layers", "algo.meds.num_layers", 14, "run_meds.sh: use_last_n_layers=14"),
+    Setting(BOTH, "MEDS target", "algo.meds.target", "wrong", "run_meds.sh: cluster_penalty_target=wrong"),
+    Setting(("dapo",), "KL", "algo.kl.init_coef", 0.0, "use_kl_loss=False, kl_coef=0.0, use_kl_in_reward=False"),
+    Setting(("dapo",), "KL loss", "algo.kl.use_loss", False, "run_meds.sh: use_kl_loss=False"),
+    Setting(("dapo",), "clip", "actor.eps_clip_low_high", (0.2, 0.28), "clip_ratio_low=0.2, clip_ratio_high=0.28"),
+    Setting(("dapo",), "dual clip", "actor.dual_clip", 10.0, "run_meds.sh: actor.clip_ratio_c=10.0"),
+    Setting(("dapo",), "loss aggregation", "actor.loss_agg_mode", "token-mean", "loss_agg_mode=token-mean"),
+    Setting(("dapo",), "overlong buffer", "reward.overlong_buffer_len", 512, "overlong_buffer.len=512"),
+    Setting(("dapo",), "overlong factor", "reward.overlong_penalty_factor", 1.0, "overlong_penalty_factor=1.0"),
+    Setting(("dapo",), "group filter", "algo.dynamic_filtering_enable", True, "filter_groups.enable=True"),
+    Setting(("dapo",), "group filter range", "algo.dynamic_filtering_range", (0.0, 1.0),
+            "filter_groups.metric=acc: drops all-right and all-wrong groups"),  # fmt: skip
+    Setting(("dapo",), "updates per RL step", updates_per_rl_step, 32,
+            "run_meds.sh: ppo_mini_batch_size=16 prompts"),  # fmt: skip
+    Setting(("dapo",), "weight decay", "actor.adam.weight_decay", 0.1, "run_meds.sh: optim.weight_decay=0.1"),
+    Setting(("dapo",), "lr schedule", "actor.lr_scheduler", "constant_with_warmup",
+            "optim.lr_warmup_steps=10, verl default lr_scheduler_type=constant"),  # fmt: skip
+    Setting(("dapo",), "eval temperature", "eval.temperature", 1.0, "run_meds.sh: val_kwargs.temperature=1.0"),
+    Setting(("grpo",), "KL loss", "algo.kl.use_loss", True, "run_grpo.sh: use_kl_loss=True"),
+    Setting(("grpo",), "KL coefficient", "algo.kl.init_coef", 0.001, "run_grpo.sh: kl_loss_coef=0.001"),
+    Setting(("grpo",), "KL estimator", "algo.kl.estimator", "k3", "run_grpo.sh: kl_loss_type=low_var_kl"),
+    Setting(("grpo",), "reference offload", "ref.offload", True, "run_grpo.sh: ref.fsdp_config.param_offload=True"),
+    Setting(("grpo",), "clip", "actor.eps_clip_low_high", (0.2, 0.2), "verl default clip_ratio_low/high=0.2"),
+    Setting(("grpo",), "dual clip", "actor.dual_clip", 3.0, "verl default actor.clip_ratio_c=3.0"),
+    Setting(("grpo",), "loss aggregation", "actor.loss_agg_mode", "seq-mean-token-mean",
+            "run_grpo.sh: loss_agg_mode=seq-mean-token-mean"),  # fmt: skip
+    Setting(("grpo",), "overlong buffer", "reward.overlong_buffer_len", None, "verl default reward_manager=naive"),
+    Setting(("grpo",), "group filter", "algo.dynamic_filtering_enable", False, "verl.trainer.main_ppo: none"),
+    Setting(("grpo",), "updates per RL step", updates_per_rl_step, 16,
+            "run_grpo.sh: ppo_mini_batch_size=32 prompts"),  # fmt: skip
+    Setting(("grpo",), "weight decay", "actor.adam.weight_decay", 0.01, "verl default optim.weight_decay=0.01"),
+    Setting(("grpo",), "lr schedule", "actor.lr_scheduler", "constant",
+            "verl default lr_warmup_steps=-1, lr_warmup_steps_ratio=0.0, lr_scheduler_type=constant"),  # fmt: skip
+]
 
 RAY_STUB = """#!{python}
 import json, os, subprocess, sys
@@ -98,8 +188,8 @@ def run_recipe(script: str, *extra: str, **env: str) -> SimpleNamespace:
 
 
 @functools.lru_cache(maxsize=None)
-def submitted(script: str, meds: str = "1") -> SimpleNamespace:
-    run = run_recipe(script, MEDS=meds)
+def submitted(script: str, algo: str = "dapo", meds: str = "1") -> SimpleNamespace:
+    run = run_recipe(script, ALGO=algo, MEDS=meds)
     assert run.proc.returncode == 0, run.proc.stderr
     return SimpleNamespace(run=run, args=parse_train_args(run.flags))
 
@@ -121,49 +211,15 @@ def ray_option(options: list, name: str) -> str:
 
 
 recipes = pytest.mark.parametrize("script", sorted(RECIPES))
+arms = pytest.mark.parametrize("script,algo", [(script, algo) for script in sorted(RECIPES) for algo in ALGOS])
 
 
-# ── Shell syntax ──
+# ── Shell syntax and switches ──
 
 
 @recipes
 def test_recipe_is_valid_bash(script):
     subprocess.run(["bash", "-n", str(SCRIPTS / script)], check=True)
-
-
-def test_slurm_script_is_valid_bash():
-    subprocess.run(["bash", "-n", str(SLURM)], check=True)
-
-
-def test_slurm_script_submits_an_existing_recipe_by_default():
-    text = SLURM.read_text()
-    assert 'RECIPE="${RECIPE:-train_meds_dapo_qwen2.5_math_7b.sh}"' in text
-    assert (SCRIPTS / "train_meds_dapo_qwen2.5_math_7b.sh").is_file()
-
-
-# ── MEDS on and off ──
-
-
-@recipes
-def test_recipe_turns_meds_on_with_its_alpha(script):
-    meds = submitted(script).args.algo.meds
-    assert meds.enable is True
-    assert meds.alpha == RECIPES[script].alpha
-    assert (meds.beta, meds.num_layers, meds.target, meds.anchor) == (None, 14, "wrong", "\\boxed{")
-
-
-@recipes
-def test_meds_0_runs_the_baseline_with_every_other_setting_equal(script):
-    with_meds, baseline = flatten(submitted(script).args), flatten(submitted(script, "0").args)
-    assert baseline["algo.meds.enable"] is False
-    defaults = flatten(parse_train_args(["--reward.remote_url", "rule"]))
-    assert all(baseline[k] == v for k, v in defaults.items() if k.startswith("algo.meds."))
-    assert not any(flag.startswith("--algo.meds.") or flag == "--meds" for flag in submitted(script, "0").run.flags)
-    own_run = ("ckpt.output_dir", "ckpt.path", "logger.tensorboard_dir", "logger.wandb.run_name")
-    for key in own_run:  # separate directories, so --ckpt.load_enable never resumes the other run
-        assert with_meds[key] != baseline[key]
-    same = [k for k in with_meds if not k.startswith("algo.meds.") and k not in own_run]
-    assert {k: baseline[k] for k in same} == {k: with_meds[k] for k in same}
 
 
 @recipes
@@ -173,41 +229,155 @@ def test_recipe_rejects_a_meds_switch_other_than_0_or_1(script):
     assert "MEDS must be 0 or 1" in run.proc.stderr
 
 
-# ── The paper's settings (MEDS_SPEC.md §5) ──
+@recipes
+def test_recipe_rejects_an_algorithm_other_than_dapo_or_grpo(script):
+    run = run_recipe(script, ALGO="ppo")
+    assert run.proc.returncode == 2 and not run.called
+    assert "ALGO must be dapo or grpo" in run.proc.stderr
+
+
+# ── The authors' settings ──
+
+
+@pytest.mark.parametrize(
+    "script,setting",
+    [(script, setting) for script in sorted(RECIPES) for setting in AUTHORS],
+    ids=[f"{script}-{'+'.join(s.arms)}-{s.what}" for script in sorted(RECIPES) for s in AUTHORS],
+)
+def test_baseline_matches_the_authors_setting(script, setting):
+    for algo in setting.arms:  # the baselines are the authors' runs: run_dapo.sh and run_grpo.sh
+        args = submitted(script, algo, "0").args
+        value = setting.read(args) if callable(setting.read) else flatten(args)[setting.read]
+        value = tuple(value) if isinstance(value, list) else value
+        assert value == setting.expected, f"{algo}: {setting.what} is {value!r}; the authors: {setting.source}"
+
+
+@arms
+def test_recipe_generates_the_authors_response_length(script, algo):
+    # Qwen2.5-Math-7B's 4096-token context caps both arms at 3072 (run_grpo.sh's 7168 is for the Qwen3 models).
+    assert submitted(script, algo).args.rollout.max_new_tokens == RECIPES[script].response, RECIPES[script].source
 
 
 @recipes
-def test_recipe_samples_512_prompts_times_16_at_temperature_1(script):
-    args = submitted(script).args
-    assert (args.rollout.batch_size, args.rollout.n_samples_per_prompt) == (512, 16)
-    assert (args.rollout.temperature, args.rollout.top_p) == (1.0, 1.0)
-    assert args.rollout.max_new_tokens == RECIPES[script].response
-    assert args.data.max_len == 1024 + RECIPES[script].response  # prompts are cut to max_len - max_new_tokens
+def test_warmup_lasts_ten_rl_steps(script, tmp_path):
+    # optim.lr_warmup_steps=10 (run_meds.sh) counts RL steps; 0.11.2 counts optimizer steps.
+    dataset = tmp_path / "prompts.jsonl"
+    num_prompts = 25_600
+    dataset.write_text('{"problem": "1 + 1", "answer": "2"}\n' * num_prompts)
+    for extra, episodes in (((), 1), ((), 100), (("--train.batch_size", "8192"), 2)):
+        run = run_recipe(script, *extra, DATASET=str(dataset), NUM_EPISODES=str(episodes), ALGO="dapo")
+        assert run.proc.returncode == 0, run.proc.stderr
+        args = parse_train_args(run.flags)
+        assert args.data.prompt_dataset == str(dataset)
+        # openrlhf.trainer.ppo_trainer.prepare_datasets: the scheduler horizon, in optimizer steps
+        max_steps = num_prompts * 16 // args.train.batch_size * args.train.num_episodes * args.train.max_epochs
+        # DeepspeedStrategy.prepare: num_warmup_steps = ceil(horizon * ratio)
+        warmup = math.ceil(max_steps * args.actor.lr_warmup_ratio)
+        assert warmup == 10 * (512 * 16 // args.train.batch_size)
 
 
 @recipes
-def test_recipe_uses_the_papers_loss_and_optimizer(script):
-    args = submitted(script).args
-    assert args.algo.advantage.estimator == "group_norm"
-    assert list(args.actor.eps_clip_low_high) == [0.2, 0.28]
-    assert args.actor.loss_agg_mode == "token-mean"
-    assert args.algo.kl.init_coef == 0 and not args.algo.kl.use_loss
-    assert (args.actor.adam.lr, args.actor.adam.weight_decay, args.actor.max_norm) == (1e-6, 0.1, 1.0)
-    assert args.actor.lr_scheduler == "constant_with_warmup"
+def test_both_algorithms_evaluate_alike(script):
+    # run_grpo.sh leaves veRL's greedy validation; one setting (run_meds.sh's) keeps the arms comparable.
+    dapo, grpo = (flatten(submitted(script, algo).args) for algo in ALGOS)
+    assert {k: v for k, v in dapo.items() if k.startswith("eval.")} == {
+        k: v for k, v in grpo.items() if k.startswith("eval.")
+    }
 
 
 @recipes
-def test_recipe_applies_the_overlong_buffer_of_512_at_factor_1(script):
-    args = submitted(script).args
-    assert (args.reward.overlong_buffer_len, args.reward.overlong_penalty_factor) == (512, 1.0)
+def test_eval_data_sits_beside_the_training_data_unless_given(script, tmp_path):
+    beside = run_recipe(script, DATASET=str(tmp_path / "train.jsonl"))
+    given = run_recipe(script, EVAL_DATASET="/data/aime25.jsonl,/data/amc23.jsonl")
+    assert parse_train_args(beside.flags).eval.dataset == str(tmp_path / "aime24.jsonl")
+    assert parse_train_args(given.flags).eval.dataset == "/data/aime25.jsonl,/data/amc23.jsonl"
+
+
+# ── MEDS on and off: both arms log the same diagnostics ──
+
+
+@arms
+def test_meds_arm_penalises_wrong_answers_with_the_recipes_alpha(script, algo):
+    meds = submitted(script, algo).args.algo.meds
+    assert meds.enable is True
+    assert meds.alpha == RECIPES[script].alpha
+    assert (meds.beta, meds.num_layers, meds.target, meds.anchor) == (None, 14, "wrong", "\\boxed{")
+
+
+@arms
+def test_baseline_arm_runs_the_meds_glue_with_a_zero_penalty_cap(script, algo):
+    meds = submitted(script, algo, "0").args.algo.meds
+    assert meds.enable is True  # so train/meds/* and eval_unbiased_pass@k are logged as in the MEDS arm
+    assert meds.alpha == 0 and MEDSConfig(alpha=meds.alpha, beta=meds.beta).penalty_cap == 0
+
+
+@arms
+def test_meds_and_baseline_arms_differ_only_in_alpha_and_run_directories(script, algo):
+    with_meds, baseline = flatten(submitted(script, algo).args), flatten(submitted(script, algo, "0").args)
+    own_run = ("ckpt.output_dir", "ckpt.path", "logger.tensorboard_dir", "logger.wandb.run_name")
+    for key in own_run:  # separate directories, so --ckpt.load_enable never resumes the other run
+        assert with_meds[key] != baseline[key]
+    same = [k for k in with_meds if k != "algo.meds.alpha" and k not in own_run]
+    assert {k: baseline[k] for k in same} == {k: with_meds[k] for k in same}
 
 
 @recipes
-def test_dapo_recipes_filter_dynamically_and_grpo_does_not(script):
-    algo = submitted(script).args.algo
-    assert algo.dynamic_filtering_enable is RECIPES[script].dapo
-    if RECIPES[script].dapo:
-        assert list(algo.dynamic_filtering_range) == [0.0, 1.0]
+def test_every_arm_writes_to_its_own_directory(script):
+    paths = {submitted(script, algo, meds).args.ckpt.path for algo in ALGOS for meds in "01"}
+    assert len(paths) == 4
+
+
+def two_steps(maker):
+    """The same 4-rollout step twice (3 wrong answers near one another): the second one meets its own past."""
+    features = [[1, 0], [1, 0.01], [0.9, 0.1], [0, 1]]
+    rewards = [0.0, 0.0, 0.0, 1.0]
+    maker.compute_advantages_and_returns(experiences(rewards, rewards, features))
+    return maker.compute_advantages_and_returns(experiences(rewards, rewards, features))[0]
+
+
+def test_zero_alpha_leaves_every_reward_and_advantage_bit_identical(makers):
+    patched, pristine = makers
+    baseline = maker_for(patched, "group_norm", meds=True)
+    baseline.args.algo.meds.alpha = 0.0
+    ours = two_steps(baseline)
+    theirs = two_steps(maker_for(pristine, "group_norm", meds=False))
+    for field in ("rewards", "advantages", "returns"):
+        torch.testing.assert_close(getattr(ours, field), getattr(theirs, field), rtol=0, atol=0)
+    assert baseline.meds_step["wrong"] == 3  # the wrong answers did go through the memory
+
+
+def test_the_same_steps_with_the_recipes_alpha_change_the_rewards(makers):
+    # What the zero-alpha test would see if alpha 0 did not switch the penalty off.
+    patched, pristine = makers
+    ours = two_steps(maker_for(patched, "group_norm", meds=True))
+    theirs = two_steps(maker_for(pristine, "group_norm", meds=False))
+    assert (ours.rewards[:3] < theirs.rewards[:3]).all() and ours.rewards[3] == theirs.rewards[3]
+
+
+def test_zero_alpha_still_measures_how_varied_the_wrong_answers_are(makers):
+    from meds_patch.openrlhf_glue import step_metrics
+
+    patched, _ = makers
+    baseline = maker_for(patched, "group_norm", meds=True)
+    baseline.args.algo.meds.alpha = 0.0
+    two_steps(baseline)
+    metrics = step_metrics(baseline)
+    # Wrong rollouts 0, 1, 2 answered \boxed{0}, \boxed{1}, \boxed{0} (the step's answer tokens): 2 distinct.
+    assert metrics["meds/wrong_answers_distinct_per_question"] == 2
+    assert metrics["meds/stored_vectors"] == 6 and metrics["meds/penalised_wrong_share"] == 0
+
+
+def test_apply_penalties_with_zero_alpha_returns_the_same_bits():
+    rewards = np.array([0.0, -0.0, 1.0, -0.3125, 1e-40, -7.5, 3.4e38, 0.1], dtype=np.float32)
+    correct = np.array([False, False, True, False, False, True, False, True])
+    sizes = np.array([0, 5, 3, 1, 200, 2, 9, 0])
+    p = penalty_term(sizes, 0.0, MEDSConfig(alpha=0.0).penalty_cap)
+    shaped = apply_penalties(torch.from_numpy(rewards), correct, p)
+    assert shaped.dtype == torch.float32
+    assert np.array_equal(shaped.numpy().view(np.uint32), rewards.view(np.uint32))
+
+
+# ── Cluster, data and logging ──
 
 
 @recipes
@@ -225,9 +395,9 @@ def test_recipe_rewards_with_the_math_verify_function_shipped_in_its_working_dir
     assert (Path(working_dir) / "examples" / "reward_func_math.py").is_file()
 
 
-@recipes
-def test_recipe_runs_a_colocated_hybrid_engine_with_zero3_on_8_gpus(script):
-    args = submitted(script).args
+@arms
+def test_recipe_runs_a_colocated_hybrid_engine_with_zero3_on_8_gpus(script, algo):
+    args = submitted(script, algo).args
     assert (args.actor.num_nodes, args.actor.num_gpus_per_node) == (1, 8)
     assert (args.vllm.num_engines, args.vllm.tensor_parallel_size) == (8, 1)
     assert args.train.colocate_all and args.vllm.enable_sleep and args.ds.enable_sleep
@@ -236,44 +406,37 @@ def test_recipe_runs_a_colocated_hybrid_engine_with_zero3_on_8_gpus(script):
 
 
 @recipes
-def test_recipe_checkpoints_resumably_and_logs(script):
-    args = submitted(script).args
-    assert args.ckpt.save_steps > 0 and args.ckpt.load_enable
-    assert args.ckpt.path.startswith(args.ckpt.output_dir)
-    assert args.logger.tensorboard_dir and args.logger.wandb.key is None  # wandb only with WANDB_API_KEY
-
-
-# ── Environment variables ──
-
-
-@recipes
-def test_warmup_lasts_ten_rl_steps(script, tmp_path):
-    dataset = tmp_path / "prompts.jsonl"
-    num_prompts = 25_600
-    dataset.write_text('{"problem": "1 + 1", "answer": "2"}\n' * num_prompts)
-    for train_batch_size, episodes in ((512, 1), (512, 4), (8192, 2)):
-        run = run_recipe(
-            script, DATASET=str(dataset), TRAIN_BATCH_SIZE=str(train_batch_size), NUM_EPISODES=str(episodes)
-        )
-        assert run.proc.returncode == 0, run.proc.stderr
-        args = parse_train_args(run.flags)
-        assert args.data.prompt_dataset == str(dataset)
-        # openrlhf.trainer.ppo_trainer.prepare_datasets: the scheduler horizon, in optimizer steps
-        max_steps = num_prompts * 16 // args.train.batch_size * args.train.num_episodes * args.train.max_epochs
-        # DeepspeedStrategy.prepare: num_warmup_steps = ceil(horizon * ratio)
-        warmup = math.ceil(max_steps * args.actor.lr_warmup_ratio)
-        updates_per_rl_step = 512 * 16 // train_batch_size
-        assert warmup == 10 * updates_per_rl_step
-
-
-@recipes
-def test_recipe_spreads_over_the_given_nodes_and_ray_address(script):
-    run = run_recipe(script, NUM_NODES="4", GPUS_PER_NODE="8", VLLM_TP="2", RAY_ADDRESS="http://10.0.0.1:8265")
+def test_recipe_spreads_actor_reference_and_vllm_over_the_given_nodes(script):
+    # train_ppo_ray.train asserts that a colocated reference model (GRPO's KL loss) has the actor's shape.
+    run = run_recipe(script, ALGO="grpo", NUM_NODES="4", GPUS_PER_NODE="8", VLLM_TP="2")
     assert run.proc.returncode == 0, run.proc.stderr
     args = parse_train_args(run.flags)
     assert (args.actor.num_nodes, args.actor.num_gpus_per_node) == (4, 8)
+    assert (args.ref.num_nodes, args.ref.num_gpus_per_node) == (4, 8)
     assert (args.vllm.num_engines, args.vllm.tensor_parallel_size) == (16, 2)
+
+
+@recipes
+def test_recipe_submits_to_the_given_ray_address(script):
+    run = run_recipe(script, RAY_ADDRESS="http://10.0.0.1:8265")
+    assert run.proc.returncode == 0, run.proc.stderr
     assert ray_option(run.ray_options, "--address") == "http://10.0.0.1:8265"
+
+
+@recipes
+def test_recipe_checkpoints_resumably_and_logs_to_tensorboard(script):
+    args = submitted(script).args
+    assert args.ckpt.load_enable and args.ckpt.path.startswith(args.ckpt.output_dir)
+    assert args.logger.tensorboard_dir and args.logger.wandb.key is None  # wandb only with WANDB_API_KEY
+
+
+@recipes
+def test_wandb_key_reaches_no_command_line(script):
+    run = run_recipe(script, WANDB_API_KEY="0123456789abcdef0123456789abcdef01234567")
+    assert run.proc.returncode == 0, run.proc.stderr
+    assert not any("0123456789abcdef" in word for word in [*run.ray_options, *run.flags])
+    args = parse_train_args(run.flags)
+    assert args.logger.wandb.key == "from-environment"  # non-empty: upstream's wandb logger starts
 
 
 @recipes
