@@ -7,3 +7,4 @@ cd "$(dirname "$0")/.."
 python bench/feature_overhead.py "$@"
 python bench/controller_scaling.py
 python bench/answer_search.py
+python bench/reward_throughput.py

@@ -26,3 +26,9 @@ def test_feature_overhead_bench_prints_its_table():
 def test_answer_search_bench_prints_its_table():
     out = run("bench/answer_search.py", "--quick")
     assert "| 64 | box |" in out and "| 64 | no box |" in out
+
+
+def test_reward_throughput_bench_prints_its_table():
+    out = run("bench/reward_throughput.py", "--quick")
+    assert "| one call per rollout (OpenRLHF) |" in out and "| one call for all |" in out
+    assert "| False |" not in out  # the pool grades every answer as math-verify in the thread does
