@@ -59,10 +59,10 @@ def tiny_model(tokenizer, arch: str = "qwen2", num_layers: int = 4, seed: int = 
     raise ValueError(f"unknown arch {arch!r}: use qwen2 or llama")
 
 
-def fine_tune(model, tokenizer, steps: int, lr: float = 3e-3, batch_size: int = 16, seed: int = 0) -> list:
-    """Plain next-token training on the corpus (each text ends with end-of-text); returns the losses."""
+def fine_tune(model, tokenizer, steps: int, lr: float = 3e-3, batch_size: int = 16, seed: int = 0, corpus=CORPUS):
+    """Plain next-token training on ``corpus`` (each text ends with end-of-text); returns the losses."""
     generator = torch.Generator().manual_seed(seed)
-    texts = [text + tokenizer.eos_token for text in CORPUS]
+    texts = [text + tokenizer.eos_token for text in corpus]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses = []
     model.train()
