@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark suite behind BENCHMARKS.md (a few minutes on a 2-core CPU machine). Results and plots land in
+# The benchmark suite behind BENCHMARKS.md (about 15 minutes on a 2-core CPU machine). Results and plots land in
 # bench/results/. Run it on an otherwise idle machine: every figure is a ratio or median measured in this run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,3 +8,4 @@ python bench/feature_overhead.py "$@"
 python bench/controller_scaling.py
 python bench/answer_search.py
 python bench/reward_throughput.py
+python bench/data_iteration.py
