@@ -2,7 +2,8 @@
 
 Every file holds one JSON object per line with two string fields, ``problem`` (the bare question, no
 instruction: the recipes add the Qwen-Math prompt) and ``answer`` (the reference answer; the reward function
-reads it as the content of a ``\\boxed{}``). Files, in one folder (default ``~/data``):
+reads it as the content of a ``\\boxed{}``); evaluation rows add ``datasource``, the set's name. Files, in one
+folder (default ``~/data``):
 
     dapo17k_math_l3to5.jsonl   training: DAPO-Math-17K + MATH levels 3-5 (train split), deduplicated
     aime24.jsonl  aime25.jsonl  amc23.jsonl  math500.jsonl  minerva.jsonl  olympiadbench.jsonl   evaluation
@@ -177,7 +178,8 @@ def write_jsonl(path: str, rows: list) -> None:
     # Written beside and renamed: a recipe never reads half a file (it counts lines for the warm-up).
     with open(path + ".tmp", "w", encoding="utf-8") as fh:
         for row in rows:
-            fh.write(json.dumps({"problem": row["problem"], "answer": row["answer"]}, ensure_ascii=False) + "\n")
+            fields = {key: row[key] for key in ("problem", "answer", "datasource") if key in row}
+            fh.write(json.dumps(fields, ensure_ascii=False) + "\n")
     os.replace(path + ".tmp", path)
 
 
@@ -209,7 +211,10 @@ def build(out_dir: str, sets: Iterable[str] = ALL_SETS, load: Callable = load_fr
         source = EVAL_SOURCES[name]
         eval_sets[name], counts = evaluation_rows(source, load(source))
         if name in sets:
-            write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), eval_sets[name])
+            # "datasource" is the field upstream groups evaluation metrics by: several files, one metric each.
+            write_jsonl(
+                os.path.join(out_dir, f"{name}.jsonl"), [dict(row, datasource=name) for row in eval_sets[name]]
+            )
             lines.append(
                 f"  {name}.jsonl: {len(eval_sets[name])} rows ({source.hub}, {source.split}; {_tally(counts)})"
             )

@@ -245,7 +245,7 @@ def test_build_writes_every_file_with_string_problem_and_answer_fields(tmp_path)
         {"problem": "MATH question?", "answer": "11"},
     ]
     for name, (_, expected) in EVAL_FIXTURES.items():
-        assert read_jsonl(tmp_path / f"{name}.jsonl") == expected
+        assert read_jsonl(tmp_path / f"{name}.jsonl") == [dict(row, datasource=name) for row in expected]
 
 
 def test_building_the_training_set_alone_still_keeps_evaluation_questions_out(tmp_path):
@@ -266,7 +266,9 @@ def test_the_data_command_loads_each_dataset_by_hub_name_and_split_and_prints_a_
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     assert main(["data", "--out", str(tmp_path), "--sets", TRAIN_SET, "amc23"]) == 0
-    assert read_jsonl(tmp_path / "amc23.jsonl") == [{"problem": "How many miles apart?", "answer": "27"}]
+    assert read_jsonl(tmp_path / "amc23.jsonl") == [
+        {"problem": "How many miles apart?", "answer": "27", "datasource": "amc23"}
+    ]
     out = capsys.readouterr().out
     assert f"{TRAIN_SET}.jsonl: 2 rows" in out
     assert "DAPO-Math-17K (BytedTsinghua-SIA/DAPO-Math-17k, train): 2 read, 1 kept" in out
