@@ -33,7 +33,7 @@ def batch():
 
 
 def policy(ring_group):
-    meds = SimpleNamespace(enable=True, anchor="\\boxed{", num_layers=4)
+    meds = SimpleNamespace(enable=True, anchor="\\boxed{", anchor_search="tokens", num_layers=4)
     args = SimpleNamespace(algo=SimpleNamespace(meds=meds), ds=SimpleNamespace(packing_samples=True))
     model = tiny_model(tiny_tokenizer(), num_layers=4)
     return SimpleNamespace(strategy=SimpleNamespace(args=args, ring_attn_group=ring_group), tokenizer=tiny_tokenizer(),
