@@ -2,7 +2,7 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 HOOK_PTH = "meds_patch_hook.pth"
@@ -13,7 +13,7 @@ class build_py_with_hook(build_py):
 
     def run(self):
         super().run()
-        shutil.copy(os.path.join("meds_patch", HOOK_PTH), os.path.join(self.build_lib, HOOK_PTH))
+        shutil.copy(os.path.join("meds_patch", "integration", HOOK_PTH), os.path.join(self.build_lib, HOOK_PTH))
         for diff in glob.glob("openrlhf/**/*.diff", recursive=True):
             target = os.path.join(self.build_lib, "meds_patch", "series", os.path.relpath(diff, "openrlhf"))
             os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -27,8 +27,8 @@ setup(
     name="openrlhf-meds",
     version="0.1.0",
     description="MEDS (memory-enhanced dynamic reward shaping) for OpenRLHF, as an insertion-only patch series",
-    packages=["meds_patch"],
-    package_data={"meds_patch": [HOOK_PTH]},
+    packages=find_packages(include=["meds_patch", "meds_patch.*"]),
+    package_data={"meds_patch.integration": [HOOK_PTH]},
     python_requires=">=3.10",
     install_requires=[
         "openrlhf==0.11.2",

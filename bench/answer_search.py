@@ -15,7 +15,7 @@ import time
 import torch
 
 from meds_patch import find_answer_positions
-from meds_patch.tiny_math import tiny_tokenizer
+from meds_patch.cpu.tiny_math import tiny_tokenizer
 
 
 def main():

@@ -43,8 +43,8 @@ import time
 
 import numpy as np
 
-from meds_patch.demo import CPU_ENV, REPO, REWARD_FUNC, LocalRayCluster, submit
-from meds_patch.tiny_math import cache_root, fine_tune, tiny_model, tiny_tokenizer, write_prompts
+from meds_patch.cpu.demo import CPU_ENV, REPO, REWARD_FUNC, LocalRayCluster, submit
+from meds_patch.cpu.tiny_math import cache_root, fine_tune, tiny_model, tiny_tokenizer, write_prompts
 
 RESULTS = os.path.join(REPO, "bench", "results")
 ARMS = {"control": 0.0, "meds": 0.1}
@@ -83,7 +83,7 @@ def solution(a: int, b: int, mode: str) -> str:
 
 def carry_model(steps: int = 1200) -> str:
     """The fine-tuned model's folder, built once and cached by the source of what builds it and ``steps``."""
-    from meds_patch.tiny_math import PROMPT
+    from meds_patch.cpu.tiny_math import PROMPT
 
     recipe = [inspect.getsource(f) for f in (carry_questions, solution, carry_model, fine_tune, tiny_model)]
     key = hashlib.sha256(repr((recipe, SFT_MODES, PROMPT, steps)).encode()).hexdigest()[:12]

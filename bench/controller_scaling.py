@@ -77,7 +77,7 @@ def exponent(xs, ys) -> float:
 def sharded_speedup(prompts, rollouts, epochs, workers=2, repeats=3):
     import ray
 
-    from meds_patch.sharded import ShardedErrorMemory
+    from meds_patch.integration.sharded import ShardedErrorMemory
 
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:

@@ -1,5 +1,5 @@
 """Rows per second of the training-set build over DAPO-Math-17K's layout: iterating the ``datasets.Dataset`` row by
-row versus ``meds_patch.data.dataset_rows`` (decoded a batch at a time).
+row versus ``meds_patch.tools.data.dataset_rows`` (decoded a batch at a time).
 
 The rows are synthetic, in DAPO's column layout (a chat-message list, two structs), with a question of about 400
 characters inside DAPO's instruction; every question repeats --repeat-each times, as DAPO's do (about 100). Each
@@ -14,7 +14,7 @@ import time
 
 import datasets
 
-from meds_patch.data import DAPO_PREFIX, DAPO_SUFFIX, TRAIN_SOURCES, dataset_rows, training_rows
+from meds_patch.tools.data import DAPO_PREFIX, DAPO_SUFFIX, TRAIN_SOURCES, dataset_rows, training_rows
 
 
 def main():

@@ -4,7 +4,7 @@ A random Qwen2-shaped model (28 blocks; hidden/vocab ratio of Qwen2.5-7B; GQA; s
 OpenRLHF's experience maker runs (logits.float(), then next-token log-probs) in three variants:
 
     plain          the trainer's forward alone
-    hooks          the same forward inside meds_patch.features.AnswerHiddenStates (one answer position per row),
+    hooks          the same forward inside meds_patch.core.features.AnswerHiddenStates (one answer position per row),
                    then .logits(targets): hidden states are kept only at p, the LM head runs on B x K vectors
     hidden_states  the forward with output_hidden_states=True (every layer's (B, T, H) states kept, as the
                    authors' code does), then the same logit lens at p of the last K states
@@ -132,7 +132,7 @@ def step(variant, model, batch, k):
     """One trainer forward + log-probs (+ features); returns log-probs, (B, K) features, the model's own logit."""
     import torch
 
-    from meds_patch.features import AnswerHiddenStates
+    from meds_patch.core.features import AnswerHiddenStates
 
     def forward(**kwargs):
         out = model(batch["ids"], attention_mask=batch["mask"], position_ids=batch["position_ids"], **kwargs)

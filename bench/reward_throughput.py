@@ -72,7 +72,7 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.answers, args.repeats = 40, 2
-    from meds_patch.math_reward import DEFAULT_MAX_WORKERS, is_correct
+    from meds_patch.tools.math_reward import DEFAULT_MAX_WORKERS, is_correct
 
     pool_version = load_reward_module()
     thread_version = load_reward_module()

@@ -10,7 +10,7 @@ float tensors of shape (N,) holding 1.0 for a correct answer and 0.0 otherwise (
 last box, any parsing error, and a check stopped at the time limit). ``extra_logs["boxed_found"]`` is 1.0 where
 a complete box was found, ``extra_logs["verify_timeout"]`` 1.0 where the check was stopped.
 
-Every answer is checked in a small pool of worker processes (``meds_patch.math_reward``), started at the first
+Every answer is checked in a small pool of worker processes (``meds_patch.tools.math_reward``), started at the first
 call, and a check gets at most ``MEDS_REWARD_TIMEOUT`` seconds (default 5) before its worker is killed and
 replaced, with a logged warning. OpenRLHF calls this function from threads, where math-verify's own signal-based
 timeouts cannot work, and some answers (``\\boxed{9^{9^{9^{9}}}}``) would otherwise stall the whole vLLM actor
@@ -19,8 +19,8 @@ for minutes. ``MEDS_REWARD_WORKERS`` sets the pool size (default min(4, CPUs)).
 
 import torch
 
-from meds_patch.math_reward import judge
-from meds_patch.metrics import last_boxed_answer
+from meds_patch.core.answers import last_boxed_answer
+from meds_patch.tools.math_reward import judge
 
 
 def reward_func(queries, prompts, labels, **kwargs):

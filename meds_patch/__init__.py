@@ -9,14 +9,14 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "MEDSConfig": "meds_patch.config",
-    "find_answer_positions": "meds_patch.features",
-    "layer_logit_features": "meds_patch.features",
-    "AnswerHiddenStates": "meds_patch.features",
-    "ErrorMemory": "meds_patch.memory",
-    "prompt_key": "meds_patch.memory",
-    "apply_penalties": "meds_patch.penalty",
-    "penalty_term": "meds_patch.penalty",
+    "MEDSConfig": "meds_patch.core.config",
+    "find_answer_positions": "meds_patch.core.features",
+    "layer_logit_features": "meds_patch.core.features",
+    "AnswerHiddenStates": "meds_patch.core.features",
+    "ErrorMemory": "meds_patch.core.memory",
+    "prompt_key": "meds_patch.core.memory",
+    "apply_penalties": "meds_patch.core.penalty",
+    "penalty_term": "meds_patch.core.penalty",
 }
 __all__ = list(_EXPORTS)
 

@@ -6,8 +6,8 @@ import os
 import sys
 import sysconfig
 
-from meds_patch import hook
-from meds_patch.data import ALL_SETS, build
+from meds_patch.integration import hook
+from meds_patch.tools.data import ALL_SETS, build
 
 
 def print_diff() -> int:
@@ -30,7 +30,7 @@ def print_diff() -> int:
 
 def install_hook() -> int:
     """Write the hook's .pth into site-packages: an editable install (PEP 660) does not place it itself."""
-    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "meds_patch_hook.pth")
+    source = os.path.join(os.path.dirname(os.path.abspath(hook.__file__)), "meds_patch_hook.pth")
     target = os.path.join(sysconfig.get_paths()["purelib"], "meds_patch_hook.pth")
     with open(source, encoding="utf-8") as fh:
         text = fh.read()
@@ -74,11 +74,11 @@ def main(argv=None) -> int:
         print(build(args.out, args.sets))
         return 0
     if args.command == "report":
-        from meds_patch.report import write_report
+        from meds_patch.tools.report import write_report
 
         print(write_report(args.checkpoint, args.out))
         return 0
-    from meds_patch.demo import run_demo
+    from meds_patch.cpu.demo import run_demo
 
     return run_demo(args.steps, args.save, args.resume)
 

@@ -5,7 +5,7 @@ import pytest
 # The CPU backend adapts upstream's CUDA-only calls in this process and in every process the tests start (Ray
 # workers inherit it from the cluster below); the import hook applied the MEDS series at start-up already.
 os.environ["MEDS_CPU_BACKEND"] = "1"
-from meds_patch import hook  # noqa: E402
+from meds_patch.integration import hook  # noqa: E402
 
 hook.install()
 
@@ -13,7 +13,7 @@ hook.install()
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray head for the whole session (2 declared GPUs, the CPU environment), stopped at the end."""
-    from meds_patch.demo import CPU_ENV, LocalRayCluster
+    from meds_patch.cpu.demo import CPU_ENV, LocalRayCluster
 
     with LocalRayCluster(env=CPU_ENV) as cluster:
         yield cluster

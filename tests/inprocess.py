@@ -13,7 +13,7 @@ from typing import List, Sequence
 
 import torch
 
-from meds_patch.tiny_math import tiny_model, tiny_tokenizer
+from meds_patch.cpu.tiny_math import tiny_model, tiny_tokenizer
 
 ANSWER_RE = re.compile(r"\\boxed\{([^{}]*)\}")
 
@@ -151,7 +151,7 @@ def generate_rollouts(run, questions: List[tuple], generator: torch.Generator) -
 
 def train_steps(run, steps: int, start_step: int = 1, seed: int = 0) -> list:
     """Run ``steps`` steps: rollouts, the real experience making with MEDS, logging and checkpoints."""
-    from meds_patch import openrlhf_glue as meds
+    from meds_patch.integration import glue as meds
 
     questions = [(a, b) for a in range(5) for b in range(5) if a + b < 10][: run.args.rollout.batch_size]
     history = []

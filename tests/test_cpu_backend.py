@@ -4,7 +4,7 @@ import threading
 
 import torch
 
-from meds_patch.demo import free_ports
+from meds_patch.cpu.demo import free_ports
 from tests.test_hook import python, results
 
 PROBE = """
@@ -20,7 +20,7 @@ PROBE = """
 
 def test_upstream_is_adapted_after_its_modules_ran():
     result = python(PROBE.format(before=""), env={"MEDS_CPU_BACKEND": "1"})
-    assert results(result) == ["meds_patch.cpu_backend", "cpu", "meds_patch.cpu_backend"], result.stderr[-3000:]
+    assert results(result) == ["meds_patch.cpu.backend", "cpu", "meds_patch.cpu.backend"], result.stderr[-3000:]
 
 
 def test_nothing_is_adapted_where_cuda_is_available():
@@ -40,7 +40,7 @@ def test_the_backend_is_off_without_its_environment_variable():
     result = python(
         """
         import sys
-        from meds_patch.cpu_backend import CPUBackendFinder
+        from meds_patch.cpu.backend import CPUBackendFinder
         print("RESULT", any(isinstance(f, CPUBackendFinder) for f in sys.meta_path))
         try:
             import openrlhf.models

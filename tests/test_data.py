@@ -8,7 +8,7 @@ import datasets
 import pytest
 
 from meds_patch.__main__ import main
-from meds_patch.data import (
+from meds_patch.tools.data import (
     EVAL_SOURCES,
     TRAIN_SET,
     TRAIN_SOURCES,

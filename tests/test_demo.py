@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 from meds_patch.__main__ import main
-from meds_patch.demo import LocalRayCluster, group_alive
+from meds_patch.cpu.demo import LocalRayCluster, group_alive
 
 
 def answers(address: str) -> bool:

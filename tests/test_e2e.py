@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from meds_patch.demo import CPU_ENV, QUESTIONS, LocalRayCluster, scalars, submit, training_args
-from meds_patch.report import find_memory_state
-from meds_patch.tiny_math import prepared_model, write_prompts
+from meds_patch.cpu.demo import CPU_ENV, QUESTIONS, LocalRayCluster, scalars, submit, training_args
+from meds_patch.cpu.tiny_math import prepared_model, write_prompts
+from meds_patch.tools.report import find_memory_state
 
 # A learning rate that moves the tiny policy visibly within a step, for the weight-sync check.
 WEIGHT_SYNC_ARGS = ["--actor.adam.lr", "1e-3", "--algo.advantage.is_correction_level", "token"]

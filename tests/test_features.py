@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from meds_patch import find_answer_positions, layer_logit_features
-from meds_patch.tiny_math import tiny_model, tiny_tokenizer
+from meds_patch.cpu.tiny_math import tiny_model, tiny_tokenizer
 
 
 def encode(text: str) -> list:

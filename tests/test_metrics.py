@@ -2,7 +2,8 @@
 
 import pytest
 
-from meds_patch.metrics import last_boxed_answer, pass_at_k, wrong_answer_diversity
+from meds_patch.core.answers import last_boxed_answer
+from meds_patch.core.metrics import pass_at_k, wrong_answer_diversity
 
 
 def test_last_box_wins_and_nested_braces_match():

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from meds_patch import find_answer_positions, layer_logit_features
-from meds_patch.hook import upstream_root
-from meds_patch.memory import prompt_key
-from meds_patch.tiny_math import tiny_tokenizer
+from meds_patch.core.memory import prompt_key
+from meds_patch.cpu.tiny_math import tiny_tokenizer
+from meds_patch.integration.hook import upstream_root
 from tests.inprocess import build, generate_rollouts, parse_train_args, train_steps
 
 BASE_ARGS = ["--reward.remote_url", "rule", "--rollout.n_samples_per_prompt", "4", "--rollout.batch_size", "2",
@@ -139,7 +139,7 @@ def test_anchor_search_text_reaches_the_actor_forward(batch):
 
 
 def test_log_probs_without_features_say_the_hook_is_missing_on_that_node():
-    from meds_patch.openrlhf_glue import attach_features
+    from meds_patch.integration.glue import attach_features
 
     samples = [SimpleNamespace(), SimpleNamespace()]
     with pytest.raises(RuntimeError, match="import hook is not active"):
@@ -193,7 +193,7 @@ def makers():
 
 
 def maker_for(module, estimator, meds: bool):
-    from meds_patch.config import MEDSConfig
+    from meds_patch.core.config import MEDSConfig
 
     maker = module.RemoteExperienceMaker.__new__(module.RemoteExperienceMaker)
     maker.advantage_estimator = estimator
@@ -231,7 +231,7 @@ def test_penalties_reach_rewards_before_the_baseline(makers, estimator):
     maker = maker_for(patched, estimator, meds=True)
     # History: three wrong answers of this question in one cluster along e0.
     maker.meds_memory = None
-    from meds_patch.openrlhf_glue import error_memory
+    from meds_patch.integration.glue import error_memory
 
     error_memory(maker).load_state_dict(
         {"version": 1, "config": {}, "keys": [prompt_key("What is 1 + 1?")], "correct": [False],

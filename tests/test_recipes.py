@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-from meds_patch.config import MEDSConfig
-from meds_patch.penalty import apply_penalties, penalty_term
+from meds_patch.core.config import MEDSConfig
+from meds_patch.core.penalty import apply_penalties, penalty_term
 from tests.inprocess import parse_train_args
 
 # The glue's experience-maker fixtures: a patched and a pristine upstream maker, and a 4-rollout step.
@@ -355,7 +355,7 @@ def test_the_same_steps_with_the_recipes_alpha_change_the_rewards(makers):
 
 
 def test_zero_alpha_still_measures_how_varied_the_wrong_answers_are(makers):
-    from meds_patch.openrlhf_glue import step_metrics
+    from meds_patch.integration.glue import step_metrics
 
     patched, _ = makers
     baseline = maker_for(patched, "group_norm", meds=True)

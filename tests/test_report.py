@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from meds_patch.config import MEDSConfig
-from meds_patch.memory import ErrorMemory
-from meds_patch.openrlhf_glue import PROMPT_SNIPPET, memory_state
-from meds_patch.report import (
+from meds_patch.core.config import MEDSConfig
+from meds_patch.core.memory import ErrorMemory
+from meds_patch.integration.glue import PROMPT_SNIPPET, memory_state
+from meds_patch.tools.report import (
     bare_question,
     penalty_counts,
     plot_clusters,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from meds_patch import math_reward
+from meds_patch.tools import math_reward
 
 _PATH = Path(__file__).resolve().parents[1] / "examples" / "reward_func_math.py"
 _SPEC = importlib.util.spec_from_file_location("reward_func_math", _PATH)
@@ -216,9 +216,9 @@ def test_ordinary_answers_grade_normally_after_a_timeout():
 
 def test_timeout_is_logged_with_the_answer_truncated(caplog):
     answer = "9^{9^{9^{9}}}" + "+1" * 300
-    with caplog.at_level(logging.WARNING, logger="meds_patch.math_reward"):
+    with caplog.at_level(logging.WARNING, logger="meds_patch.tools.math_reward"):
         assert score(f"\\boxed{{{answer}}}", "81") == 0.0
-    [message] = [record.getMessage() for record in caplog.records if record.name == "meds_patch.math_reward"]
+    [message] = [record.getMessage() for record in caplog.records if record.name == "meds_patch.tools.math_reward"]
     assert repr(answer[:200]) in message and answer[:201] not in message
     assert f"over {LIMIT:g} s" in message
 

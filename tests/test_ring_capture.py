@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from meds_patch.openrlhf_glue import finish_capture, start_capture
-from meds_patch.tiny_math import tiny_model, tiny_tokenizer
+from meds_patch.cpu.tiny_math import tiny_model, tiny_tokenizer
+from meds_patch.integration.glue import finish_capture, start_capture
 
 RING = 2
 

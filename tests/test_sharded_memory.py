@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from meds_patch import ErrorMemory, MEDSConfig
-from meds_patch.openrlhf_glue import restore_memory
-from meds_patch.sharded import ShardedErrorMemory, shard_of
+from meds_patch.integration.glue import restore_memory
+from meds_patch.integration.sharded import ShardedErrorMemory, shard_of
 from tests.inprocess import parse_train_args
 from tests.test_openrlhf_glue import MEDS_ARGS
 

@@ -1,30 +1,8 @@
 """Signs of policy collapse: how varied the wrong answers are, and unbiased pass@k (Chen et al., 2021)."""
 
 import math
-import re
 from collections import defaultdict
 from typing import Dict, Optional, Sequence
-
-BOX_OPENING = re.compile(r"\\(?:boxed|fbox)\s*\{")
-
-
-def last_boxed_answer(text: str) -> Optional[str]:
-    """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) with nested braces matched; None if absent or
-    left open. Escaped braces (``\\{``, ``\\}``) do not count."""
-    openings = list(BOX_OPENING.finditer(text))
-    if not openings:
-        return None
-    start = openings[-1].end()
-    depth, i = 1, start
-    while i < len(text):
-        if text[i] == "\\":
-            i += 2
-            continue
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[start:i]
-        i += 1
-    return None
 
 
 def wrong_answer_diversity(keys: Sequence[str], correct: Sequence[bool], answers: Sequence[Optional[str]]) -> dict:

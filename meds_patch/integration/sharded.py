@@ -14,8 +14,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import ray
 
-from meds_patch.config import MEDSConfig
-from meds_patch.memory import ErrorMemory, checked_step
+from meds_patch.core.config import MEDSConfig
+from meds_patch.core.memory import ErrorMemory, checked_step
 
 logger = logging.getLogger(__name__)
 RESTART_TIMEOUT_S = 300

@@ -14,10 +14,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from meds_patch.config import MEDSConfig
-from meds_patch.memory import ErrorMemory
-from meds_patch.openrlhf_glue import CHECKPOINT_KEY
-from meds_patch.penalty import penalty_term
+from meds_patch.core import CHECKPOINT_KEY
+from meds_patch.core.config import MEDSConfig
+from meds_patch.core.memory import ErrorMemory
+from meds_patch.core.penalty import penalty_term
 
 TOP = 10  # questions in the table
 PLOTTED = 8  # questions in the per-question cluster plot

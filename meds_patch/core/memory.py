@@ -11,8 +11,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import hdbscan
 import numpy as np
 
-from meds_patch.config import MEDSConfig
-from meds_patch.penalty import penalty_term
+from meds_patch.core.config import MEDSConfig
+from meds_patch.core.penalty import penalty_term
 
 logger = logging.getLogger(__name__)
 MemoryKey = Tuple[str, bool]  # (prompt key, correct)

@@ -21,7 +21,7 @@ import urllib.request
 import uuid
 from typing import Callable, Dict, List, Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REWARD_FUNC = os.path.join(REPO, "examples", "reward_func_math.py")
 # The engine's environment on CPU: a 1 GiB KV cache, and no pinning of OpenMP threads to cores that other
 # processes of the run (and other jobs on the machine) also use.
@@ -221,7 +221,7 @@ class StepPrinter:
 
 
 def run_demo(steps: int = 6, save: Optional[str] = None, resume: Optional[str] = None) -> int:
-    from meds_patch.tiny_math import prepared_model, write_prompts
+    from meds_patch.cpu.tiny_math import prepared_model, write_prompts
 
     start = time.time()
     save = os.path.abspath(resume or save or tempfile.mkdtemp(prefix="meds-demo-"))

@@ -19,14 +19,14 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from meds_patch.config import TARGETS, MEDSConfig
-from meds_patch.features import ANCHOR_SEARCHES, AnswerHiddenStates, find_answer_positions
+from meds_patch.core import CHECKPOINT_KEY
+from meds_patch.core.config import TARGETS, MEDSConfig
+from meds_patch.core.features import ANCHOR_SEARCHES, AnswerHiddenStates, find_answer_positions
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ANCHOR = "\\boxed{"
 GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "rloo", "reinforce_baseline")
-CHECKPOINT_KEY = "meds_memory"
 PROMPT_SNIPPET = 300  # characters of each question kept for reports
 HELP = {
     "alpha": "penalty scale p = min(alpha*ln(n+1), beta), in reward units (double it for +-1 rewards)",
@@ -225,11 +225,11 @@ def error_memory(maker):
     if getattr(maker, "meds_memory", None) is None:
         workers = getattr(maker.args.algo.meds, "num_workers", 0)
         if workers > 0:
-            from meds_patch.sharded import ShardedErrorMemory
+            from meds_patch.integration.sharded import ShardedErrorMemory
 
             maker.meds_memory = ShardedErrorMemory(meds_config(maker.args), workers)
         else:
-            from meds_patch.memory import ErrorMemory
+            from meds_patch.core.memory import ErrorMemory
 
             maker.meds_memory = ErrorMemory(meds_config(maker.args))
     return maker.meds_memory
@@ -251,9 +251,9 @@ def shape_rewards(maker, experiences: List) -> None:
     Correctness is what ``record_outcomes`` read before the length penalties. Records per-sample
     ``info["meds_penalty"]`` and the step's statistics.
     """
-    from meds_patch.memory import prompt_key
-    from meds_patch.metrics import wrong_answer_diversity
-    from meds_patch.penalty import apply_penalties
+    from meds_patch.core.memory import prompt_key
+    from meds_patch.core.metrics import wrong_answer_diversity
+    from meds_patch.core.penalty import apply_penalties
 
     start = time.perf_counter()
     memory, config = error_memory(maker), meds_config(maker.args)
@@ -293,7 +293,7 @@ def shape_rewards(maker, experiences: List) -> None:
 def final_answers(tokenizer, exp) -> List[Optional[str]]:
     """The last ``\\boxed{}`` answer of each response, from its last tokens only: decoding whole responses of a
     paper-scale step would cost the controller seconds. A box that starts earlier gets a longer second look."""
-    from meds_patch.metrics import last_boxed_answer
+    from meds_patch.core.answers import last_boxed_answer
 
     answers = []
     for sequence, mask in zip(exp.sequences, exp.attention_mask):
@@ -331,7 +331,7 @@ def step_metrics(maker) -> Dict[str, float]:
 
 def eval_metrics(args, samples_list: List, n_samples_per_prompt: int) -> Dict[str, float]:
     """Unbiased pass@k (k = 1, 2, 4, ..., n) over the evaluation prompts, beside upstream's pass@1 and pass@n."""
-    from meds_patch.metrics import pass_at_k
+    from meds_patch.core.metrics import pass_at_k
 
     rewards = [float(r) for s in samples_list for r in s.rewards.reshape(-1)]
     n = n_samples_per_prompt

@@ -26,9 +26,9 @@ class Patch(NamedTuple):
 
 def series_dir() -> str:
     """The patch series: shipped inside the package by a wheel, or the repository's top-level ``openrlhf/``."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    shipped = os.path.join(here, "series")
-    return shipped if os.path.isdir(shipped) else os.path.join(os.path.dirname(here), "openrlhf")
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shipped = os.path.join(package, "series")
+    return shipped if os.path.isdir(shipped) else os.path.join(os.path.dirname(package), "openrlhf")
 
 
 def parse_patch(text: str, name: str) -> Patch:
@@ -160,7 +160,7 @@ def install() -> None:
     if os.environ.get(DISABLE_ENV, "") in ("", "0") and not any(isinstance(f, SeriesFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, SeriesFinder())
     if os.environ.get("MEDS_CPU_BACKEND") == "1":
-        from meds_patch import cpu_backend
+        from meds_patch.cpu import backend as cpu_backend
 
         cpu_backend.install()
 

@@ -45,7 +45,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
-from meds_patch.metrics import last_boxed_answer
+from meds_patch.core.answers import last_boxed_answer
 
 TRAIN_SET = "dapo17k_math_l3to5"
 EVAL_SETS = ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench")
