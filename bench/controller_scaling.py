@@ -38,11 +38,11 @@ class Workload:
 
 def timed_step(memory, batch) -> tuple:
     """(critical path, total) seconds of one step; the previous step's re-clustering is finished first."""
-    memory.labels
+    memory.wait_for_refit()
     start = time.perf_counter()
     memory.update(*batch)
     critical = time.perf_counter() - start
-    memory.labels
+    memory.wait_for_refit()
     return critical, time.perf_counter() - start
 
 

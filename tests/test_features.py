@@ -1,4 +1,4 @@
-"""MEDS_SPEC §1: the answer position and the layer-wise logits read at it."""
+"""docs/ALGORITHM.md §1: the answer position and the layer-wise logits read at it."""
 
 import pytest
 import torch

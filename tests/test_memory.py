@@ -1,4 +1,4 @@
-"""MEDS_SPEC §2-4: the error memory, its clustering and the penalty it returns."""
+"""docs/ALGORITHM.md §2-4: the error memory, its clustering and the penalty it returns."""
 
 import math
 import pickle
@@ -170,7 +170,7 @@ def test_rows_with_nan_or_inf_have_no_feature_and_are_counted():
     penalties = memory.update(["q"] * 3, [False] * 3, features)
     assert penalties[1:].tolist() == [0.0, 0.0] and penalties[0] > 0
     assert len(memory.vectors[("q", WRONG)]) == 3
-    assert memory.last_step["without_feature"] == 2 and memory.last_step["non_finite"] == 1
+    assert memory.last_step.without_feature == 2 and memory.last_step.non_finite == 1
 
 
 def test_empty_batch_returns_no_penalties():

@@ -1,4 +1,4 @@
-"""ErrorMemory against a second, deliberately naive reading of MEDS_SPEC §2-4, over many random steps.
+"""ErrorMemory against a second, deliberately naive reading of docs/ALGORITHM.md §2-4, over many random steps.
 
 The reference below loops row by row, measures cosine distance one pair at a time, votes with a Counter, and
 clusters with hdbscan's estimator on sklearn-normalised rows: it shares no code with meds_patch.core.memory.

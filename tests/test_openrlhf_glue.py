@@ -12,6 +12,7 @@ import torch
 from meds_patch import find_answer_positions, layer_logit_features
 from meds_patch.core.memory import prompt_key
 from meds_patch.cpu.tiny_math import tiny_tokenizer
+from meds_patch.integration.glue import RolloutValues
 from meds_patch.integration.hook import upstream_root
 from tests.inprocess import build, generate_rollouts, parse_train_args, train_steps
 
@@ -221,7 +222,7 @@ def experiences(rewards, scores, features=None):
         prompts=["What is 1 + 1?"] * 4, info={"reward": torch.tensor(rewards)},
     )  # fmt: skip
     if features is not None:
-        exp.meds_features = torch.tensor(features, dtype=torch.float32)
+        exp.meds = RolloutValues(features=torch.tensor(features, dtype=torch.float32))
     return [exp]
 
 
@@ -230,10 +231,10 @@ def test_penalties_reach_rewards_before_the_baseline(makers, estimator):
     patched, pristine = makers
     maker = maker_for(patched, estimator, meds=True)
     # History: three wrong answers of this question in one cluster along e0.
-    maker.meds_memory = None
-    from meds_patch.integration.glue import error_memory
+    maker.meds_state = None
+    from meds_patch.integration.glue import controller_state
 
-    error_memory(maker).load_state_dict(
+    controller_state(maker).memory.load_state_dict(
         {"version": 1, "config": {}, "keys": [prompt_key("What is 1 + 1?")], "correct": [False],
          "vectors": [np.array([[1, 0], [1, 0.01], [1, 0.02]], np.float32)], "labels": [np.array([0, 0, 0])]}
     )  # fmt: skip
@@ -248,7 +249,7 @@ def test_penalties_reach_rewards_before_the_baseline(makers, estimator):
     torch.testing.assert_close(result.returns, pristine_result.returns)
     torch.testing.assert_close(result.info["meds_penalty"], torch.tensor([0.0, 0.0, p, 0.0]))
     torch.testing.assert_close(result.scores, torch.tensor(scores))  # the dynamic-filter signal is untouched
-    assert not hasattr(result, "meds_features")
+    assert not hasattr(result, "meds")
 
 
 @pytest.mark.parametrize("estimator", ["group_norm", "dr_grpo", "rloo", "reinforce_baseline", "gae", "reinforce"])
@@ -268,11 +269,11 @@ def test_correctness_falls_back_to_rewards_without_scores(makers):
     exps = experiences([1.0, 0.2, 0.0, 0.0], [0, 0, 0, 0], [[1, 0]] * 4)
     exps[0].scores = None
     maker.compute_advantages_and_returns(exps)
-    assert maker.meds_step["wrong"] == 3  # 0.2 < correct_threshold 0.5
+    assert maker.meds_state.last_step.wrong == 3  # 0.2 < correct_threshold 0.5
 
 
 def test_a_correct_but_overlong_rollout_counts_as_correct(makers):
-    # MEDS_SPEC §2: correctness is the reward before shaping. A reward model's 1.0 that DAPO's overlong buffer
+    # docs/ALGORITHM.md §2: correctness is the reward before shaping. A reward model's 1.0 that DAPO's overlong buffer
     # lowers to 0.0 (length 4 exceeds 4 - 2 by the whole buffer: penalty -1) is still a correct answer.
     patched, _ = makers
     maker = maker_for(patched, "group_norm", meds=True)
@@ -282,7 +283,7 @@ def test_a_correct_but_overlong_rollout_counts_as_correct(makers):
     exps[0].scores, exps[0].response_length = None, torch.tensor([4, 1, 1, 1])
     result = maker.compute_advantages_and_returns(exps)[0]
     assert result.info["reward"][0] == 0.0  # the length penalty did land
-    assert maker.meds_step["wrong"] == 2
+    assert maker.meds_state.last_step.wrong == 2
 
 
 def test_step_records_how_varied_the_wrong_answers_are(makers):
@@ -290,8 +291,8 @@ def test_step_records_how_varied_the_wrong_answers_are(makers):
     maker = maker_for(patched, "group_norm", meds=True)
     maker.compute_advantages_and_returns(experiences([0.0, 0.0, 0.0, 1.0], [0, 0, 0, 1], [[1, 0]] * 4))
     # Wrong rollouts 0, 1, 2 answered 0, 1, 0: two distinct answers, not all the same.
-    assert maker.meds_step["wrong_answers_distinct_per_question"] == 2
-    assert maker.meds_step["wrong_questions_single_answer_share"] == 0
+    assert maker.meds_state.answer_diversity["wrong_answers_distinct_per_question"] == 2
+    assert maker.meds_state.answer_diversity["wrong_questions_single_answer_share"] == 0
 
 
 # ── Checkpoints and logs ──
@@ -309,7 +310,7 @@ def test_resume_restores_the_memory_exactly(tmp_path, local_ray):
     assert states["global_step"] == 2
     train_steps(resumed, 1, start_step=3)
 
-    a, b = straight.maker.meds_memory.state_dict(), resumed.maker.meds_memory.state_dict()
+    a, b = straight.maker.meds_state.memory.state_dict(), resumed.maker.meds_state.memory.state_dict()
     assert a["keys"] == b["keys"] and a["correct"] == b["correct"]
     for x, y in zip(a["vectors"] + a["labels"], b["vectors"] + b["labels"]):
         np.testing.assert_array_equal(x, y)

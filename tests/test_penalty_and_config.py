@@ -1,4 +1,4 @@
-"""MEDS_SPEC §4 penalty arithmetic and the configuration's validation."""
+"""docs/ALGORITHM.md §4 penalty arithmetic and the configuration's validation."""
 
 import math
 

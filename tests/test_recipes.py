@@ -39,10 +39,10 @@ RECIPES = {  # script: the MEDS arm's alpha, the response length and where both 
         alpha=0.1, response=3072, source="run_meds.sh: penalty_coef=0.1, max_response_length=3072"
     ),
     "train_meds_qwen3_4b_base.sh": SimpleNamespace(
-        alpha=0.1, response=7168, source="MEDS_SPEC.md §4-5 (the paper); run_grpo.sh: max_response_length=7168"
+        alpha=0.1, response=7168, source="docs/ALGORITHM.md §4-5 (the paper); run_grpo.sh: max_response_length=7168"
     ),
     "train_meds_qwen3_8b_base.sh": SimpleNamespace(
-        alpha=0.01, response=7168, source="MEDS_SPEC.md §4 (alpha 0.005-0.02), §5; run_grpo.sh: 7168"
+        alpha=0.01, response=7168, source="docs/ALGORITHM.md §4 (alpha 0.005-0.02), §5; run_grpo.sh: 7168"
     ),
 }
 ALGOS = ("dapo", "grpo")
@@ -343,7 +343,7 @@ def test_zero_alpha_leaves_every_reward_and_advantage_bit_identical(makers):
     theirs = two_steps(maker_for(pristine, "group_norm", meds=False))
     for field in ("rewards", "advantages", "returns"):
         torch.testing.assert_close(getattr(ours, field), getattr(theirs, field), rtol=0, atol=0)
-    assert baseline.meds_step["wrong"] == 3  # the wrong answers did go through the memory
+    assert baseline.meds_state.last_step.wrong == 3  # the wrong answers did go through the memory
 
 
 def test_the_same_steps_with_the_recipes_alpha_change_the_rewards(makers):

@@ -194,7 +194,7 @@ def demo_checkpoint(tmp_path_factory, local_ray):
     ckpt = str(tmp_path_factory.mktemp("demo"))
     run = build(MEDS_ARGS, ckpt)
     train_steps(run, 3)
-    return ckpt, run.maker.meds_memory.summary()
+    return ckpt, run.maker.meds_state.memory.summary()
 
 
 def test_report_summarises_the_demo_checkpoint(demo_checkpoint, tmp_path):

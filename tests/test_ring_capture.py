@@ -51,7 +51,7 @@ def rank_main(rank: int, folder: str):
     local, _ = get_tensor_in_current_ring_attn_rank(packed, dist.group.WORLD, 0)
     with torch.no_grad():
         hidden = actor.actor.model.model.embed_tokens(local)
-        for block in capture.blocks:
+        for block in capture.hidden.blocks:
             for hook in list(block._forward_hooks.values()):
                 hook(block, (), hidden)
     torch.save(finish_capture(actor, capture), os.path.join(folder, f"rank{rank}.pt"))

@@ -10,8 +10,8 @@
 set -euo pipefail
 
 MODEL="${MODEL:-Qwen/Qwen3-4B-Base}"
-ALPHA="${ALPHA:-0.1}" # the paper's alpha for Qwen3-4B-Base (MEDS_SPEC.md section 4)
-# 1024 prompt + 7168 response tokens: the paper's Qwen3 length (MEDS_SPEC.md section 5) and run_grpo.sh's.
+ALPHA="${ALPHA:-0.1}" # the paper's alpha for Qwen3-4B-Base (docs/ALGORITHM.md section 4)
+# 1024 prompt + 7168 response tokens: the paper's Qwen3 length (docs/ALGORITHM.md section 5) and run_grpo.sh's.
 PROMPT_MAX_LEN="${PROMPT_MAX_LEN:-1024}"
 RESPONSE_MAX_LEN="${RESPONSE_MAX_LEN:-7168}"
 MICRO_ROLLOUT_BATCH_SIZE="${MICRO_ROLLOUT_BATCH_SIZE:-4}"

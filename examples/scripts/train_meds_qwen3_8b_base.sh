@@ -10,9 +10,9 @@
 set -euo pipefail
 
 MODEL="${MODEL:-Qwen/Qwen3-8B-Base}"
-# With long responses on Qwen3-8B the authors used a smaller alpha, 0.005-0.02 (MEDS_SPEC.md section 4): 0.01.
+# With long responses on Qwen3-8B the authors used a smaller alpha, 0.005-0.02 (docs/ALGORITHM.md section 4): 0.01.
 ALPHA="${ALPHA:-0.01}"
-# 1024 prompt + 7168 response tokens: the paper's Qwen3 length (MEDS_SPEC.md section 5) and run_grpo.sh's.
+# 1024 prompt + 7168 response tokens: the paper's Qwen3 length (docs/ALGORITHM.md section 5) and run_grpo.sh's.
 PROMPT_MAX_LEN="${PROMPT_MAX_LEN:-1024}"
 RESPONSE_MAX_LEN="${RESPONSE_MAX_LEN:-7168}"
 MICRO_ROLLOUT_BATCH_SIZE="${MICRO_ROLLOUT_BATCH_SIZE:-4}"

@@ -1,23 +1,34 @@
-"""MEDS hyper-parameters (MEDS_SPEC.md); the defaults reproduce the authors' reference behaviour."""
+"""MEDS hyper-parameters and their help (docs/ALGORITHM.md); the defaults reproduce the authors' reference behaviour."""
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 TARGETS = ("wrong", "right", "both")
 
 
+def option(default, help: str):
+    """A field with its command-line help, which ``--algo.meds.<name> --help`` shows as it is."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class MEDSConfig:
-    alpha: float = 0.1  # penalty scale, in reward units (double it for +-1 rewards)
-    beta: Optional[float] = None  # penalty cap; None means 2 * alpha
-    num_layers: int = 14  # K: last K transformer blocks read at the answer token
-    knn_k: int = 3  # neighbours voting for a new vector's cluster
-    min_cluster_size: int = 2  # HDBSCAN
-    min_samples: int = 1  # HDBSCAN
-    target: str = "wrong"  # which rollouts are penalised: "wrong" | "right" | "both"
-    noise_as_cluster: bool = True  # a noise vote counts the stored noise points; False gives size 0
-    max_per_memory: Optional[int] = None  # cap per memory, oldest dropped first; None keeps everything
-    correct_threshold: float = 0.5  # score >= threshold counts as correct
+    alpha: float = option(
+        0.1, "penalty scale p = min(alpha*ln(n+1), beta), in reward units (double it for +-1 rewards)"
+    )
+    beta: Optional[float] = option(None, "penalty cap; None means 2*alpha")
+    num_layers: int = option(14, "K: the last K transformer blocks whose logit of the answer token form the feature")
+    knn_k: int = option(3, "nearest stored vectors (cosine) voting for a new rollout's cluster")
+    min_cluster_size: int = option(2, "HDBSCAN min_cluster_size")
+    min_samples: int = option(1, "HDBSCAN min_samples")
+    target: str = option("wrong", "rollouts penalised: wrong (r - p), right or both (correct ones get r / (1 + p))")
+    noise_as_cluster: bool = option(
+        True, "true: a vote for HDBSCAN noise counts the stored noise points; false: size 0"
+    )
+    max_per_memory: Optional[int] = option(
+        None, "keep at most this many vectors per (question, outcome), oldest dropped; None keeps all"
+    )
+    correct_threshold: float = option(0.5, "a rollout is correct when its score (reward if no score) is >= this")
 
     def __post_init__(self):
         def check(ok: bool, name: str, allowed: str):

@@ -1,4 +1,4 @@
-"""Layer-wise logits at the answer token (MEDS_SPEC.md §1), read from a forward pass the trainer already runs."""
+"""Layer-wise logits at the answer token (docs/ALGORITHM.md §1), read from a forward pass the trainer already runs."""
 
 import bisect
 import functools

@@ -1,11 +1,11 @@
-"""Per-question memory of past answers' features, clustered with HDBSCAN (MEDS_SPEC.md §2-3)."""
+"""Per-question memory of past answers' features, clustered with HDBSCAN (docs/ALGORITHM.md §2-3)."""
 
 import hashlib
 import logging
 import re
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import hdbscan
@@ -51,7 +51,7 @@ def cluster_labels(vectors: np.ndarray, config: MEDSConfig) -> np.ndarray:
 
 
 def checked_step(keys, correct, features, target: str, stored_width: Optional[int]):
-    """Check one step's inputs; return (correct, features, has_feature, rows to store) as numpy arrays.
+    """Check one step's inputs; return (correct, features, rows to store) as numpy arrays.
 
     ``stored_width`` is the feature width the memory already holds (None when it holds nothing): a step whose
     stored rows have another width is rejected. Every error names the argument and what it got.
@@ -73,12 +73,48 @@ def checked_step(keys, correct, features, target: str, stored_width: Optional[in
         raise ValueError(f"keys must be str prompt keys; row {bad[0]} is {type(keys[bad[0]]).__name__}")
     if correct.dtype != bool:
         raise ValueError(f"correct must hold bools, got dtype {correct.dtype}")
-    has_feature = np.isfinite(features).all(axis=1)
     targeted = {"wrong": ~correct, "right": correct, "both": np.ones(n, dtype=bool)}[target]
-    rows = np.flatnonzero(has_feature & targeted)
+    rows = np.flatnonzero(np.isfinite(features).all(axis=1) & targeted)
     if rows.size and stored_width not in (None, features.shape[1]):
         raise ValueError(f"features have {features.shape[1]} values per row, the memory holds {stored_width}")
-    return correct, features, has_feature, rows
+    return correct, features, rows
+
+
+def memory_groups(keys: Sequence[str], correct: np.ndarray, rows: np.ndarray):
+    """Yield ((key, outcome), its rows) for the given rows, grouped with one sort instead of a loop over rows."""
+    if not rows.size:
+        return
+    _, key_of_row = np.unique(np.asarray(keys, dtype=object)[rows], return_inverse=True)
+    group = key_of_row * 2 + correct[rows]
+    order = np.argsort(group, kind="stable")
+    for members in np.split(rows[order], np.flatnonzero(np.diff(group[order])) + 1):
+        yield (str(keys[members[0]]), bool(correct[members[0]])), members
+
+
+@dataclass
+class StepStats:
+    """What one update saw, for the trainer's logs; measured the same way by every memory (sharded or not)."""
+
+    rows: int = 0
+    wrong: int = 0
+    penalised_wrong: int = 0
+    without_feature: int = 0  # rows not stored and not penalised: no answer position, or a non-finite value
+    non_finite: int = 0  # of those, rows with a value that is not NaN (e.g. a bfloat16 overflow)
+    mean_penalty: float = 0.0
+    max_penalty: float = 0.0
+
+    @classmethod
+    def measure(cls, correct: np.ndarray, features: np.ndarray, penalties: np.ndarray) -> "StepStats":
+        without = ~np.isfinite(features).all(axis=1)
+        return cls(
+            rows=len(correct),
+            wrong=int((~correct).sum()),
+            penalised_wrong=int(((penalties > 0) & ~correct).sum()),
+            without_feature=int(without.sum()),
+            non_finite=int((without & ~np.isnan(features).all(axis=1)).sum()),
+            mean_penalty=float(penalties.mean()) if len(correct) else 0.0,
+            max_penalty=float(penalties.max()) if len(correct) else 0.0,
+        )
 
 
 class ErrorMemory:
@@ -93,68 +129,52 @@ class ErrorMemory:
         self.vectors: Dict[MemoryKey, np.ndarray] = {}
         self.arrivals: Dict[MemoryKey, np.ndarray] = {}  # the update (1, 2, ...) that stored each vector
         self.updates = 0
-        self.last_step: Dict[str, float] = {}
+        self.last_step = StepStats()
         self._labels: Dict[MemoryKey, np.ndarray] = {}
         self._refit: Optional[Future] = None  # the last update's re-clustering, running in the background
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meds-hdbscan")
 
     @property
     def labels(self) -> Dict[MemoryKey, np.ndarray]:
-        """Each memory's labels from its last clustering (waits for a re-clustering still in progress)."""
+        """Each memory's labels from its last clustering (after waiting for a re-clustering still running)."""
+        self.wait_for_refit()
+        return self._labels
+
+    def wait_for_refit(self) -> None:
+        """Wait for the last update's background re-clustering, if any, and take its labels."""
         if self._refit is not None:
             refit, self._refit = self._refit, None
             self._labels.update(refit.result())
-        return self._labels
 
     def update(self, keys: Sequence[str], correct: Sequence[bool], features: np.ndarray) -> np.ndarray:
-        """Return the penalty term p >= 0 of each row and add the rows to the memory.
+        """One visit of the step's questions: return each row's penalty term p >= 0 and remember the rows.
 
         ``keys`` are prompt keys, ``correct`` the outcomes, ``features`` an (N, K) array. Rows with any NaN/inf
         feature have no feature: they get p = 0 and are not stored. Rows the target excludes get p = 0 and are
         not stored either (with target "wrong", correct rollouts need no memory).
         """
-        n = len(keys)
-        if n == 0 and np.size(features) == 0 and np.size(correct) == 0:
+        if len(keys) == 0 and np.size(features) == 0 and np.size(correct) == 0:
             self.updates += 1
-            self.last_step = {}
+            self.last_step = StepStats()
             return np.zeros(0, dtype=np.float64)
         width = next((v.shape[1] for v in self.vectors.values()), None)
-        correct, features, has_feature, rows = checked_step(keys, correct, features, self.config.target, width)
+        correct, features, rows = checked_step(keys, correct, features, self.config.target, width)
         # Every check is done: from here on the step changes the memory.
         self.updates += 1
-        penalties = np.zeros(n, dtype=np.float64)
-        sizes = np.zeros(n, dtype=np.int64)
-
-        # Group rows by (key, outcome) with one sort instead of a Python loop over rows.
-        key_ids, key_of_row = np.unique(np.asarray(keys, dtype=object)[rows], return_inverse=True)
-        group = key_of_row * 2 + correct[rows]
-        order = np.argsort(group, kind="stable")
-        bounds = np.flatnonzero(np.diff(group[order])) + 1
+        self.wait_for_refit()  # the previous step's labels (normally long done)
+        sizes = np.zeros(len(keys), dtype=np.int64)
         touched = []
-        for members in np.split(rows[order], bounds) if rows.size else []:
-            mkey = (str(keys[members[0]]), bool(correct[members[0]]))
-            sizes[members] = self._cluster_sizes(mkey, features[members])
-            self._append(mkey, features[members])
+        for mkey, members in memory_groups(keys, correct, rows):
+            sizes[members] = self._cluster_sizes(mkey, features[members])  # 1. sizes, from the history only
+            self._append(mkey, features[members])  # 2. the new rollouts join the history
             touched.append(mkey)
-        # The new labels are read only at each memory's next visit, so fit them off the critical path: the
-        # trainer's PPO update runs meanwhile, and ``labels`` waits for the fits if they are still running.
-        snapshot = [(m, self.vectors[m]) for m in touched]
-        self.labels  # collect the previous step's fits first (normally long done)
-        if snapshot:
-            self._refit = self._executor.submit(self._fit_all, snapshot)
-
+        # 3. Re-cluster each touched memory. The labels are read only at its next visit, so the fits run off the
+        # critical path, during the trainer's PPO update; the next update (or ``labels``) waits for them.
+        if touched:
+            self._refit = self._executor.submit(self._fit_all, [(m, self.vectors[m]) for m in touched])
+        penalties = np.zeros(len(keys), dtype=np.float64)
         penalties[rows] = penalty_term(sizes[rows], self.config.alpha, self.config.penalty_cap)
-        self.last_step = {
-            "rows": n,
-            "without_feature": int((~has_feature).sum()),
-            "non_finite": int((~has_feature & ~np.isnan(features).all(axis=1)).sum()),  # e.g. bf16 overflow
-            "stored": int(rows.size),
-            "penalised": int((penalties > 0).sum()),
-            "wrong": int((~correct).sum()),
-            "penalised_wrong": int(((penalties > 0) & ~correct).sum()),
-            "mean_penalty": float(penalties.mean()) if n else 0.0,
-            "max_penalty": float(penalties.max()) if n else 0.0,
-        }
+        self.last_step = StepStats.measure(correct, features, penalties)
         return penalties
 
     def _fit_all(self, snapshot: List[Tuple[MemoryKey, np.ndarray]]) -> Dict[MemoryKey, np.ndarray]:
@@ -172,7 +192,7 @@ class ErrorMemory:
         stored = self.vectors.get(mkey)
         if stored is None or len(stored) == 0:
             return np.zeros(len(new), dtype=np.int64)
-        labels = self.labels[mkey]
+        labels = self._labels[mkey]
         k = min(self.config.knn_k, len(stored))
         distance = 1.0 - unit_rows(new) @ unit_rows(stored).T
         nearest = np.argsort(distance, axis=1, kind="stable")[:, :k]  # equal distances: earlier stored first
@@ -254,7 +274,7 @@ class ErrorMemory:
             vectors[mkey], labels[mkey], arrived_at[mkey] = vecs, labs, arrived
         if len(widths) > 1:
             raise ValueError(f"ErrorMemory state: vectors of different widths {sorted(widths)}")
-        self.labels  # let a running re-clustering finish before its memories are replaced
+        self.wait_for_refit()  # a running re-clustering must finish before its memories are replaced
         self.vectors, self._labels, self.arrivals = vectors, labels, arrived_at
         self.updates = int(state.get("updates", 0))
 

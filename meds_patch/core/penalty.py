@@ -1,4 +1,4 @@
-"""The MEDS penalty (MEDS_SPEC.md §4): how much a recurring error pattern lowers a rollout's reward."""
+"""The MEDS penalty (docs/ALGORITHM.md §4): how much a recurring error pattern lowers a rollout's reward."""
 
 import numpy as np
 

@@ -12,34 +12,78 @@ import argparse
 import logging
 import math
 import time
-from dataclasses import asdict, fields
-from types import SimpleNamespace
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from meds_patch.core import CHECKPOINT_KEY
-from meds_patch.core.config import TARGETS, MEDSConfig
+from meds_patch.core.config import TARGETS, MEDSConfig, option
 from meds_patch.core.features import ANCHOR_SEARCHES, AnswerHiddenStates, find_answer_positions
+
+if TYPE_CHECKING:  # the memory's module imports hdbscan: only the controller needs it, and only when used
+    from meds_patch.core.memory import StepStats
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ANCHOR = "\\boxed{"
 GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "rloo", "reinforce_baseline")
 PROMPT_SNIPPET = 300  # characters of each question kept for reports
-HELP = {
-    "alpha": "penalty scale p = min(alpha*ln(n+1), beta), in reward units (double it for +-1 rewards)",
-    "beta": "penalty cap; None means 2*alpha",
-    "num_layers": "K: the last K transformer blocks whose logit of the answer token form the feature",
-    "knn_k": "nearest stored vectors (cosine) voting for a new rollout's cluster",
-    "min_cluster_size": "HDBSCAN min_cluster_size",
-    "min_samples": "HDBSCAN min_samples",
-    "target": "rollouts penalised: wrong (r - p), right or both (correct ones get r / (1 + p))",
-    "noise_as_cluster": "true: a vote for HDBSCAN noise counts the stored noise points; false: size 0",
-    "max_per_memory": "keep at most this many vectors per (question, outcome), oldest dropped; None keeps all",
-    "correct_threshold": "a rollout is correct when its score (reward if no score) is >= this",
-}
+
+
+@dataclass
+class TrainerOptions:
+    """The integration's own ``--algo.meds.*`` flags, beside ``MEDSConfig``'s (which the core reads)."""
+
+    num_workers: int = option(
+        0, "spread the error memory over this many Ray CPU actors by question; 0 keeps it in the controller"
+    )
+    anchor: str = option(DEFAULT_ANCHOR, "text whose last occurrence in the response marks the answer")
+    anchor_search: str = option(
+        "tokens",
+        "tokens: the anchor's token ids, then a 'boxed' token and a '{' after it (the authors' search); "
+        "text: the last anchor in the decoded response, which a box written mid-sentence cannot escape "
+        "(about 1 ms more per 4k-token response)",
+    )
+
+
+FLAGS = fields(MEDSConfig) + fields(TrainerOptions)
+FLAG_CHOICES = {"target": TARGETS, "anchor_search": ANCHOR_SEARCHES}
+
+
+# ── What MEDS keeps, and where ──
+
+
+@dataclass
+class ForwardCapture:
+    """One experience forward's capture on an actor rank, held as ``policy.meds_capture`` while the forward runs."""
+
+    hidden: AnswerHiddenStates  # the hooks, and the hidden states they kept at the answer positions
+    target: torch.Tensor  # (B,) each row's answer token, the one whose logit is read
+    valid: torch.Tensor  # (B,) rows with an answer position
+    ring_group: Any = None  # packed ring attention: each answer position lives on one rank of this group
+
+
+@dataclass
+class RolloutValues:
+    """What MEDS carries on each controller ``Experience`` (as ``exp.meds``) from the forward to the shaping, which
+    removes it. Not in ``info``: upstream's replay buffer merges and splits ``info``."""
+
+    features: Optional[torch.Tensor] = None  # (B, K) float32, NaN rows without an answer position
+    correct: Optional[np.ndarray] = None  # (B,) bool, read before upstream's length penalties
+
+
+@dataclass
+class ControllerState:
+    """What MEDS keeps on the controller, as ``maker.meds_state``: the error memory, each question's text (for
+    reports; checkpointed with the memory) and what the last step measured (for the logs)."""
+
+    memory: Any  # ErrorMemory, or ShardedErrorMemory with --algo.meds.num_workers > 0
+    prompts: Dict[str, str] = field(default_factory=dict)  # prompt key -> the question's first characters
+    last_step: Optional["StepStats"] = None
+    answer_diversity: Dict[str, float] = field(default_factory=dict)  # core.metrics.wrong_answer_diversity
+    seconds: float = 0.0  # the controller's time in the last shaping
 
 
 def enabled(args) -> bool:
@@ -56,41 +100,20 @@ def _bool(text: str) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--meds`` and ``--algo.meds.<field>`` for every ``MEDSConfig`` field, plus the answer anchor."""
+    """``--meds`` and ``--algo.meds.<field>`` for every field of ``MEDSConfig`` and ``TrainerOptions``."""
     group = parser.add_argument_group("MEDS (memory-enhanced dynamic reward shaping, arXiv:2604.11297)")
     # dest algo.meds.enable: a bare "meds" dest would collide with the algo.meds namespace in hierarchize.
     group.add_argument("--meds", dest="algo.meds.enable", action="store_true", default=False, help="enable MEDS")
-    for field in fields(MEDSConfig):
-        kind = {"noise_as_cluster": _bool, "beta": float, "max_per_memory": int}.get(field.name, type(field.default))
-        extra = {"choices": TARGETS} if field.name == "target" else {"metavar": kind.__name__.strip("_").upper()}
+    for flag in FLAGS:
+        kind = {"noise_as_cluster": _bool, "beta": float, "max_per_memory": int}.get(flag.name, type(flag.default))
+        choices = FLAG_CHOICES.get(flag.name)
         group.add_argument(
-            f"--algo.meds.{field.name}",
+            f"--algo.meds.{flag.name}",
             type=kind,
-            default=field.default,
-            help=f"{HELP[field.name]} (default: {field.default})",
-            **extra,
+            default=flag.default,
+            help=f"{flag.metadata['help']} (default: {flag.default})",
+            **({"choices": choices} if choices else {"metavar": kind.__name__.strip("_").upper()}),
         )
-    group.add_argument(
-        "--algo.meds.num_workers",
-        type=int,
-        default=0,
-        metavar="INT",
-        help="spread the error memory over this many Ray CPU actors by question (default: 0, in the controller)",
-    )
-    group.add_argument(
-        "--algo.meds.anchor",
-        type=str,
-        default=DEFAULT_ANCHOR,
-        help=f"text whose last occurrence in the response marks the answer (default: {DEFAULT_ANCHOR})",
-    )
-    group.add_argument(
-        "--algo.meds.anchor_search",
-        choices=ANCHOR_SEARCHES,
-        default="tokens",
-        help="tokens: the anchor's token ids, then a 'boxed' token and a '{' after it (the authors' search); "
-        "text: the last anchor in the decoded response, which a box written mid-sentence cannot escape "
-        "(about 1 ms more per 4k-token response) (default: tokens)",
-    )
 
 
 def meds_config(args) -> MEDSConfig:
@@ -101,9 +124,7 @@ def meds_config(args) -> MEDSConfig:
 def validate_arguments(args) -> None:
     """Fail before any Ray actor starts when the MEDS flags cannot work together with the rest."""
     if not enabled(args):
-        defaults = {f.name: f.default for f in fields(MEDSConfig)}
-        defaults.update(num_workers=0, anchor=DEFAULT_ANCHOR, anchor_search="tokens")
-        changed = [f"--algo.meds.{name}" for name, value in defaults.items() if getattr(args.algo.meds, name) != value]
+        changed = [f"--algo.meds.{f.name}" for f in FLAGS if getattr(args.algo.meds, f.name) != f.default]
         if changed:
             raise ValueError(f"{', '.join(changed)} given without --meds: add --meds to enable MEDS")
         return
@@ -145,9 +166,9 @@ def start_capture(policy, sequences: torch.Tensor, attention_mask: torch.Tensor,
     args = policy.strategy.args
     if not enabled(args):
         return None
-    stale = getattr(policy, "_meds_capture", None)
+    stale = getattr(policy, "meds_capture", None)
     if stale is not None:  # left behind by a forward that raised
-        stale.__exit__(None, None, None)
+        stale.hidden.__exit__(None, None, None)
     batch, length = sequences.shape
     # action_mask covers the last A - 1 transitions: token j of the response window is sequences[:, length - A + j].
     # A row without action tokens has no response to search (its prompt may well ask for a \boxed{}).
@@ -179,26 +200,25 @@ def start_capture(policy, sequences: torch.Tensor, attention_mask: torch.Tensor,
     else:
         flat = torch.where(valid, rows * length + positions, -1)
         num_tokens = batch * length
-    capture = AnswerHiddenStates(policy.actor.model, flat, num_tokens, args.algo.meds.num_layers)
-    capture.meds = SimpleNamespace(
-        target=target, valid=valid, ring_group=ring_group if args.ds.packing_samples else None
+    hidden = AnswerHiddenStates(policy.actor.model, flat, num_tokens, args.algo.meds.num_layers)
+    policy.meds_capture = ForwardCapture(
+        hidden.__enter__(), target, valid, ring_group if args.ds.packing_samples else None
     )
-    policy._meds_capture = capture.__enter__()
-    return capture
+    return policy.meds_capture
 
 
 @torch.no_grad()
-def finish_capture(policy, capture: AnswerHiddenStates) -> torch.Tensor:
+def finish_capture(policy, capture: ForwardCapture) -> torch.Tensor:
     """Remove the hooks and return the (B, K) float32 features on CPU (NaN rows: no answer position)."""
-    capture.__exit__(None, None, None)
-    policy._meds_capture = None
-    values = capture.logits(capture.meds.target)
-    if capture.meds.ring_group is not None:
+    capture.hidden.__exit__(None, None, None)
+    policy.meds_capture = None
+    values = capture.hidden.logits(capture.target)
+    if capture.ring_group is not None:
         # Each position lives on exactly one ring rank: sum the ranks' shares so every duplicate rank agrees.
-        mine = (capture.flat_index >= 0).to(values.device).unsqueeze(1)
+        mine = (capture.hidden.flat_index >= 0).to(values.device).unsqueeze(1)
         values = torch.where(mine, values, torch.zeros_like(values))
-        torch.distributed.all_reduce(values, group=capture.meds.ring_group)
-        values = torch.where(capture.meds.valid.to(values.device).unsqueeze(1), values, float("nan"))
+        torch.distributed.all_reduce(values, group=capture.ring_group)
+        values = torch.where(capture.valid.to(values.device).unsqueeze(1), values, float("nan"))
     return values.cpu()
 
 
@@ -215,34 +235,36 @@ def attach_features(samples_list: List, results: List) -> List[torch.Tensor]:
                 "active in the Python environment Ray uses on that node: install openrlhf-meds there (after an "
                 "editable install, run `python -m meds_patch install-hook`)"
             )
-        samples.meds_features = result[1]
+        samples.meds = RolloutValues(features=result[1])
         log_probs.append(result[0])
     return log_probs
 
 
-def error_memory(maker):
-    """The experience maker's error memory (created on first use), so sync and async trainers share the path."""
-    if getattr(maker, "meds_memory", None) is None:
-        workers = getattr(maker.args.algo.meds, "num_workers", 0)
+def controller_state(maker) -> ControllerState:
+    """The experience maker's MEDS state (created on first use), so sync and async trainers share the path."""
+    if getattr(maker, "meds_state", None) is None:
+        workers = getattr(maker.args.algo.meds, "num_workers", 0)  # hand-made args may lack the flag
         if workers > 0:
             from meds_patch.integration.sharded import ShardedErrorMemory
 
-            maker.meds_memory = ShardedErrorMemory(meds_config(maker.args), workers)
+            maker.meds_state = ControllerState(ShardedErrorMemory(meds_config(maker.args), workers))
         else:
             from meds_patch.core.memory import ErrorMemory
 
-            maker.meds_memory = ErrorMemory(meds_config(maker.args))
-    return maker.meds_memory
+            maker.meds_state = ControllerState(ErrorMemory(meds_config(maker.args)))
+    return maker.meds_state
 
 
 def record_outcomes(maker, experiences: List) -> None:
     """Before upstream's length penalties: whether each rollout is correct, from its ``scores`` (the dynamic-filter
-    signal, left untouched), else from its rewards (a reward model's judgement). MEDS_SPEC §2: correctness is the
+    signal, left untouched), else from its rewards (a reward model's judgement). ALGORITHM.md §2: correctness is the
     reward before shaping, so a correct but overlong answer must not count as a wrong one."""
     threshold = maker.args.algo.meds.correct_threshold
     for exp in experiences:
         source = exp.scores if exp.scores is not None else exp.rewards
-        exp.meds_correct = source.float().reshape(-1).cpu().numpy() >= threshold
+        if getattr(exp, "meds", None) is None:  # a forward that brought no features (e.g. a hand-made Experience)
+            exp.meds = RolloutValues()
+        exp.meds.correct = source.float().reshape(-1).cpu().numpy() >= threshold
 
 
 def shape_rewards(maker, experiences: List) -> None:
@@ -256,23 +278,21 @@ def shape_rewards(maker, experiences: List) -> None:
     from meds_patch.core.penalty import apply_penalties
 
     start = time.perf_counter()
-    memory, config = error_memory(maker), meds_config(maker.args)
+    state, config = controller_state(maker), meds_config(maker.args)
     keys, outcomes, features, answers = [], [], [], []
-    prompts = maker.__dict__.setdefault("meds_prompts", {})  # key -> question text, for reports
     for exp in experiences:
         keys += [prompt_key(p) for p in exp.prompts]
-        prompts.update(zip(keys[-len(exp.prompts) :], (p[:PROMPT_SNIPPET] for p in exp.prompts)))
+        state.prompts.update(zip(keys[-len(exp.prompts) :], (p[:PROMPT_SNIPPET] for p in exp.prompts)))
         answers += final_answers(maker.tokenizer, exp)
-        outcomes.append(exp.meds_correct)
-        feats = getattr(exp, "meds_features", None)
-        features.append(None if feats is None else feats.float().numpy())
+        outcomes.append(exp.meds.correct)
+        features.append(None if exp.meds.features is None else exp.meds.features.float().numpy())
     if not keys:
         return
     # A model with fewer than K blocks gives fewer columns; rows that came back without features are all-NaN.
     width = next((f.shape[1] for f in features if f is not None), config.num_layers)
     features = [np.full((len(o), width), np.nan, np.float32) if f is None else f for f, o in zip(features, outcomes)]
     correct = np.concatenate(outcomes)
-    penalties = memory.update(keys, correct, np.concatenate(features))
+    penalties = state.memory.update(keys, correct, np.concatenate(features))
 
     offset = 0
     for exp in experiences:
@@ -282,12 +302,11 @@ def shape_rewards(maker, experiences: List) -> None:
         if "reward" in exp.info:  # as upstream's length penalties do, so logged rewards show the shaping
             exp.info["reward"] = exp.rewards.clone()
         exp.info["meds_penalty"] = torch.from_numpy(p.astype(np.float32))
-        del exp.meds_correct
-        if hasattr(exp, "meds_features"):
-            del exp.meds_features
+        del exp.meds
         offset += n
-    diversity = wrong_answer_diversity(keys, correct, answers)
-    maker.meds_step = dict(memory.last_step, **diversity, seconds=time.perf_counter() - start)
+    state.last_step = state.memory.last_step
+    state.answer_diversity = wrong_answer_diversity(keys, correct, answers)
+    state.seconds = time.perf_counter() - start
 
 
 def final_answers(tokenizer, exp) -> List[Optional[str]]:
@@ -309,23 +328,22 @@ def final_answers(tokenizer, exp) -> List[Optional[str]]:
 
 def step_metrics(maker) -> Dict[str, float]:
     """The step's MEDS statistics for the trainer's logs (logged as ``train/meds/*``)."""
-    step = getattr(maker, "meds_step", None)
-    if not step:
+    state = controller_state(maker)
+    step = state.last_step
+    if step is None:
         return {}
-    summary = error_memory(maker).summary()
-    wrong = max(step["wrong"], 1)
+    summary = state.memory.summary()
     return {
         "meds/memories": summary["memories"],
         "meds/stored_vectors": summary["vectors"],
         "meds/clusters": summary["clusters"],
-        "meds/penalised_wrong_share": step["penalised_wrong"] / wrong,
-        "meds/without_feature_share": step["without_feature"] / max(step["rows"], 1),
-        "meds/non_finite_features": step["non_finite"],
-        "meds/penalty_mean": step["mean_penalty"],
-        "meds/penalty_max": step["max_penalty"],
-        "meds/wrong_answers_distinct_per_question": step["wrong_answers_distinct_per_question"],
-        "meds/wrong_questions_single_answer_share": step["wrong_questions_single_answer_share"],
-        "meds/controller_seconds": step["seconds"],
+        "meds/penalised_wrong_share": step.penalised_wrong / max(step.wrong, 1),
+        "meds/without_feature_share": step.without_feature / max(step.rows, 1),
+        "meds/non_finite_features": step.non_finite,
+        "meds/penalty_mean": step.mean_penalty,
+        "meds/penalty_max": step.max_penalty,
+        **{f"meds/{name}": value for name, value in state.answer_diversity.items()},
+        "meds/controller_seconds": state.seconds,
     }
 
 
@@ -350,21 +368,21 @@ class MemoryCheckpoint(dict):
 
 
 def memory_state(maker) -> MemoryCheckpoint:
-    state = error_memory(maker).state_dict()
-    known = getattr(maker, "meds_prompts", {})
-    return MemoryCheckpoint(state, prompts={k: known[k] for k in set(state["keys"]) if k in known})
+    state = controller_state(maker)
+    saved = state.memory.state_dict()
+    return MemoryCheckpoint(saved, prompts={k: state.prompts[k] for k in set(saved["keys"]) if k in state.prompts})
 
 
 def restore_memory(maker, checkpoint_states: Dict[str, Any]) -> None:
     """At the trainer's start: create the memory (so sharded memories start their actors now, not inside the first
     step) and load the one saved with the checkpoint, if any (a checkpoint from before MEDS simply has none)."""
-    memory = error_memory(maker)
-    state: Optional[dict] = checkpoint_states.get(CHECKPOINT_KEY)
-    if state is None:
+    state = controller_state(maker)
+    saved: Optional[dict] = checkpoint_states.get(CHECKPOINT_KEY)
+    if saved is None:
         if checkpoint_states.get("global_step", 0) > 0:
             logger.warning("MEDS: the checkpoint has no error memory; starting with an empty one")
         return
-    memory.load_state_dict(dict(state))
-    maker.meds_prompts = dict(state.get("prompts", {}))
+    state.memory.load_state_dict(dict(saved))
+    state.prompts = dict(saved.get("prompts", {}))
     # print, not logger.info: upstream leaves this module's logger at WARNING, and users must see the restore.
-    print(f"MEDS: restored {memory.summary()} from the checkpoint", flush=True)
+    print(f"MEDS: restored {state.memory.summary()} from the checkpoint", flush=True)

@@ -15,11 +15,10 @@ import numpy as np
 import ray
 
 from meds_patch.core.config import MEDSConfig
-from meds_patch.core.memory import ErrorMemory, checked_step
+from meds_patch.core.memory import ErrorMemory, StepStats, checked_step
 
 logger = logging.getLogger(__name__)
 RESTART_TIMEOUT_S = 300
-COUNTS = ("rows", "without_feature", "non_finite", "stored", "penalised", "wrong", "penalised_wrong")
 
 
 def shard_of(key: str, num_shards: int) -> int:
@@ -28,15 +27,15 @@ def shard_of(key: str, num_shards: int) -> int:
 
 
 class MemoryShard(ErrorMemory):
-    """A shard actor's memory. ``run`` also returns the step statistics (saving a round trip) and an id of this
-    incarnation of the actor, so the caller notices a restart even when Ray replays a call on the new actor."""
+    """A shard actor's memory. ``run`` also returns an id of this incarnation of the actor, so the caller notices a
+    restart even when Ray replays a call on the new actor."""
 
     def __init__(self, config: MEDSConfig):
         super().__init__(config)
         self.incarnation = uuid.uuid4().hex
 
     def run(self, method: str, *args):
-        return getattr(self, method)(*args), self.last_step, self.incarnation
+        return getattr(self, method)(*args), self.incarnation
 
 
 class ShardedErrorMemory:
@@ -50,7 +49,7 @@ class ShardedErrorMemory:
         self.shards = [shard_class.remote(config) for _ in range(num_workers)]
         self.incarnations: List[Optional[str]] = [None] * num_workers
         self.restore_points: List[Optional[ray.ObjectRef]] = [None] * num_workers
-        self.last_step: Dict[str, float] = {}
+        self.last_step = StepStats()
         self.width: Optional[int] = None  # the feature width the shards hold, once they hold any
 
     def _call(self, index: int, method: str, *args, ref: Optional[ray.ObjectRef] = None):
@@ -59,10 +58,10 @@ class ShardedErrorMemory:
         deadline = time.monotonic() + RESTART_TIMEOUT_S
         while True:
             try:
-                result, step, incarnation = ray.get(ref or self.shards[index].run.remote(method, *args))
+                result, incarnation = ray.get(ref or self.shards[index].run.remote(method, *args))
                 if self.incarnations[index] in (None, incarnation):
                     self.incarnations[index] = incarnation
-                    return result, step
+                    return result
                 if self.restore_points[index] is not None:
                     ray.get(self.shards[index].run.remote("load_state_dict", self.restore_points[index]))
                     logger.warning(
@@ -87,7 +86,7 @@ class ShardedErrorMemory:
         if len(keys) == 0 and np.size(features) == 0 and np.size(correct) == 0:
             correct, features, rows = np.zeros(0, bool), np.zeros((0, self.width or 1), np.float32), np.zeros(0, int)
         else:
-            correct, features, _, rows = checked_step(keys, correct, features, self.config.target, self.width)
+            correct, features, rows = checked_step(keys, correct, features, self.config.target, self.width)
         owner = np.array([shard_of(k, len(self.shards)) for k in keys], dtype=np.int64)
         jobs = []
         for index in range(len(self.shards)):
@@ -95,24 +94,20 @@ class ShardedErrorMemory:
             args = ([keys[r] for r in mine], correct[mine], features[mine])
             jobs.append((mine, args, self.shards[index].run.remote("update", *args)))  # all shards at once
         penalties = np.zeros(len(keys), dtype=np.float64)
-        self.last_step = dict.fromkeys(COUNTS, 0)
         for index, (mine, args, ref) in enumerate(jobs):
-            penalties[mine], step = self._call(index, "update", *args, ref=ref)
-            for name in COUNTS:
-                self.last_step[name] += step.get(name, 0)
+            penalties[mine] = self._call(index, "update", *args, ref=ref)
         if rows.size:
             self.width = features.shape[1]
-        self.last_step["mean_penalty"] = float(penalties.mean()) if len(keys) else 0.0
-        self.last_step["max_penalty"] = float(penalties.max()) if len(keys) else 0.0
+        self.last_step = StepStats.measure(correct, features, penalties)
         return penalties
 
     def summary(self) -> Dict[str, float]:
-        parts = [self._call(i, "summary")[0] for i in range(len(self.shards))]
+        parts = [self._call(i, "summary") for i in range(len(self.shards))]
         return {name: sum(part[name] for part in parts) for name in parts[0]}
 
     def state_dict(self) -> dict:
         """The merged state, identical to an in-process memory's; also the shards' restore point."""
-        parts = [self._call(i, "state_dict")[0] for i in range(len(self.shards))]
+        parts = [self._call(i, "state_dict") for i in range(len(self.shards))]
         self.restore_points = [ray.put(part) for part in parts]
         return ErrorMemory.merge_states(parts)
 

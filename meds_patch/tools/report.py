@@ -2,7 +2,7 @@
 
 The report names questions by their bare text (``bare_question``), never by their hash, and counts what the
 penalty counts: the stored answers of each HDBSCAN cluster and, as a group of its own, the noise points
-(MEDS_SPEC.md §3: a vote for noise is sized by the number of stored noise points).
+(docs/ALGORITHM.md §3: a vote for noise is sized by the number of stored noise points).
 """
 
 import glob
