@@ -57,32 +57,44 @@ def find_answer_positions(
     else:
         valid = torch.ones_like(seq, dtype=torch.bool)
     end = torch.where(valid.any(1), length - valid.flip(1).long().argmax(1), 0)  # one past the last real token
+    search_rows = {"tokens": token_search, "text": text_search}[search]
+    positions = search_rows(seq, start, end, tokenizer, anchor)
+    # The answer token p + 1 must exist.
+    return torch.where(positions + 1 < end, positions, torch.full_like(positions, -1))
+
+
+def text_search(seq: torch.Tensor, start: torch.Tensor, end: torch.Tensor, tokenizer, anchor: str) -> torch.Tensor:
+    """Per row, the token that ends the last ``anchor`` in the decoded response ``seq[row, start:end]``, or -1."""
+    if not anchor:
+        raise ValueError("anchor must be a non-empty string")
+    positions = torch.full((len(seq),), -1, dtype=torch.long)
+    responses = [seq[row, start[row] : end[row]].tolist() for row in range(len(seq))]
+    for row, (ids, text) in enumerate(zip(responses, tokenizer.batch_decode(responses))):
+        if anchor not in text:
+            continue
+        # Decoding a whole response per probe costs about a millisecond per thousand tokens, and the answer
+        # sits near the end: widen a window back from the end until its text holds the anchor.
+        window = 16
+        while anchor not in tokenizer.decode(ids[-window:]):
+            window *= 2
+        tail = ids[-window:]
+        # Where the last anchor starts: the last token whose suffix text still holds it. Where it ends: the
+        # first token at which the text from there holds it. Decoding keeps the tokenizer's own spacing.
+        first = bisect.bisect_left(range(len(tail)), True, key=lambda j: anchor not in tokenizer.decode(tail[j:]))
+        first -= 1
+        last = bisect.bisect_left(
+            range(first, len(tail)), True, key=lambda j: anchor in tokenizer.decode(tail[first : j + 1])
+        )
+        positions[row] = end[row] - len(tail) + first + last
+    return positions
+
+
+def token_search(seq: torch.Tensor, start: torch.Tensor, end: torch.Tensor, tokenizer, anchor: str) -> torch.Tensor:
+    """Per row, the last token of the last exact ``anchor`` token sequence in the response, else the authors'
+    fallback (a "{" within FALLBACK_WINDOW tokens from a "boxed" token, latest first), else -1."""
+    batch, length = seq.shape
+    cols = torch.arange(length)
     in_response = (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
-
-    if search == "text":
-        if not anchor:
-            raise ValueError("anchor must be a non-empty string")
-        positions = torch.full((batch,), -1, dtype=torch.long)
-        responses = [seq[row, start[row] : end[row]].tolist() for row in range(batch)]
-        for row, (ids, text) in enumerate(zip(responses, tokenizer.batch_decode(responses))):
-            if anchor not in text:
-                continue
-            # Decoding a whole response per probe costs about a millisecond per thousand tokens, and the answer
-            # sits near the end: widen a window back from the end until its text holds the anchor.
-            window = 16
-            while anchor not in tokenizer.decode(ids[-window:]):
-                window *= 2
-            tail = ids[-window:]
-            # Where the last anchor starts: the last token whose suffix text still holds it. Where it ends: the
-            # first token at which the text from there holds it. Decoding keeps the tokenizer's own spacing.
-            first = bisect.bisect_left(range(len(tail)), True, key=lambda j: anchor not in tokenizer.decode(tail[j:]))
-            first -= 1
-            last = bisect.bisect_left(
-                range(first, len(tail)), True, key=lambda j: anchor in tokenizer.decode(tail[first : j + 1])
-            )
-            positions[row] = end[row] - len(tail) + first + last
-        return torch.where(positions + 1 < end, positions, torch.full_like(positions, -1))
-
     anchor_ids = torch.tensor(tokenizer.encode(anchor, add_special_tokens=False), dtype=torch.long)
     if anchor_ids.numel() == 0:
         raise ValueError(f"anchor {anchor!r} encodes to no tokens")
@@ -97,7 +109,7 @@ def find_answer_positions(
 
     missing = positions < 0
     if missing.any():
-        # Fallback, vectorised over the batch: which vocabulary entries decode to text containing "boxed" or "{".
+        # Vectorised over the batch: which vocabulary entries decode to text containing "boxed" or "{".
         has_boxed, has_brace = _vocabulary_flags(tokenizer)
         known = seq < len(has_boxed)  # a model's vocabulary can be padded beyond the tokenizer's
         ids = torch.where(known, seq, 0)
@@ -110,9 +122,7 @@ def find_answer_positions(
         last_usable = length - 1 - usable.flip(1).long().argmax(1)
         found = next_brace.gather(1, last_usable[:, None]).squeeze(1)
         positions = torch.where(usable.any(1), found, positions)
-
-    # The answer token p + 1 must exist.
-    return torch.where(positions + 1 < end, positions, torch.full_like(positions, -1))
+    return positions
 
 
 @functools.lru_cache(maxsize=8)
