@@ -1,11 +1,11 @@
 """What the patch series' inserted lines call: MEDS inside OpenRLHF 0.11.2.
 
-Flag to reward: ``add_arguments`` defines ``--meds`` and ``--algo.meds.*``; ``validate_arguments`` checks them;
-``start_capture``/``finish_capture`` read the (B, K) features in the policy's experience forward on each actor
-rank; ``attach_features`` hangs them on the controller's ``Experience``s; ``record_outcomes`` reads correctness
-before upstream's length penalties and ``shape_rewards`` runs the error memory right after them, subtracting the
-penalties; ``step_metrics``, ``memory_state`` and
-``restore_memory`` log and checkpoint it. Every entry point is a no-op unless ``--meds`` is on.
+Flag to reward: ``add_arguments`` defines ``--meds`` and ``--algo.meds.*`` (``MEDSConfig`` and ``TrainerOptions``);
+``validate_arguments`` checks them; ``start_capture``/``finish_capture`` read the (B, K) features in the policy's
+experience forward on each actor rank; ``attach_features`` hangs them on the controller's ``Experience``s;
+``record_outcomes`` reads correctness before upstream's length penalties and ``shape_rewards`` runs the error
+memory right after them, subtracting the penalties; ``step_metrics``, ``memory_state`` and ``restore_memory`` log
+and checkpoint it. What MEDS keeps is in the three dataclasses below. Every entry point is a no-op without --meds.
 """
 
 import argparse
