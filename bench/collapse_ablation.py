@@ -43,10 +43,10 @@ import time
 
 import numpy as np
 
-from meds_patch.cpu.demo import CPU_ENV, REPO, REWARD_FUNC, LocalRayCluster, submit
+from meds_patch.cpu.demo import CPU_ENV, REWARD_FUNC, LocalRayCluster, submit
 from meds_patch.cpu.tiny_math import cache_root, fine_tune, tiny_model, tiny_tokenizer, write_prompts
 
-RESULTS = os.path.join(REPO, "bench", "results")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ARMS = {"control": 0.0, "meds": 0.1}
 SFT_MODES = (("right", 0.50), ("dropped_carry", 0.35), ("units_slip", 0.15))
 PASS_KS = (1, 2, 4, 8)

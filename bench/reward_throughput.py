@@ -16,14 +16,14 @@ import os
 import statistics
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REWARD_FILE = os.path.join(REPO, "examples", "reward_func_math.py")
+from meds_patch.cpu.demo import REWARD_FUNC  # the package's reward file, which the demo hands to OpenRLHF
+
 PROMPT = "Solve and put the final answer in \\boxed{}. "
 
 
 def load_reward_module():
-    """The example file, loaded by path as OpenRLHF loads it."""
-    spec = importlib.util.spec_from_file_location("reward_func", REWARD_FILE)
+    """The reward file, loaded by path as OpenRLHF loads it."""
+    spec = importlib.util.spec_from_file_location("reward_func", REWARD_FUNC)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -21,8 +21,11 @@ import urllib.request
 import uuid
 from typing import Callable, Dict, List, Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-REWARD_FUNC = os.path.join(REPO, "examples", "reward_func_math.py")
+import meds_patch.tools
+
+# The reward file handed to OpenRLHF (which loads it by path): the package's own, so an installed wheel runs the
+# demo without a checkout (examples/reward_func_math.py, the user-facing copy, re-exports the same function).
+REWARD_FUNC = os.path.join(os.path.dirname(os.path.abspath(meds_patch.tools.__file__)), "reward_func_math.py")
 # The engine's environment on CPU: a 1 GiB KV cache, and no pinning of OpenMP threads to cores that other
 # processes of the run (and other jobs on the machine) also use.
 CPU_ENV = {"MEDS_CPU_BACKEND": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
