@@ -52,6 +52,11 @@ def test_sync_run_lowers_rewards_of_recurring_wrong_answers(sync_run):
     assert sync_run.series("train/meds/without_feature_share")[0] < 0.5
 
 
+def test_a_successful_run_prints_no_traceback(sync_run):
+    # Its output includes every actor's, to their exit (once, two resource-tracker KeyErrors at the vLLM actor's).
+    assert "Traceback" not in sync_run.log
+
+
 def test_sync_run_saves_the_memory_in_its_checkpoint(sync_run):
     state, _ = find_memory_state(os.path.join(sync_run.folder, "ckpt"))
     assert len(set(state["keys"])) == len(QUESTIONS)

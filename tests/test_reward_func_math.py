@@ -232,7 +232,19 @@ def test_bad_settings_are_rejected_by_name(monkeypatch, variable, value):
 
 
 _OPENRLHF_LIKE_CALLER = """
-import asyncio, importlib.util, json, multiprocessing, sys, time
+import asyncio, importlib.util, json, os, sys, time
+
+import psutil
+
+TAG = os.environ["MEDS_TEST_CALLER"] = str(os.getpid())  # inherited by the processes that grade for this script
+
+
+def ours(process):
+    try:
+        command = " ".join(process.cmdline())
+        return "multiprocessing.forkserver import main" in command and process.environ().get("MEDS_TEST_CALLER") == TAG
+    except psutil.Error:
+        return False
 
 
 def main():
@@ -253,7 +265,9 @@ def main():
     start = time.perf_counter()
     hanging, ordinary = asyncio.run(two_rollouts())
     seconds = time.perf_counter() - start
-    workers = [child.pid for child in multiprocessing.active_children() if child.name == "pebble_pool_worker"]
+    # pebble's workers: forks of the forkserver of the grading process this script started, which inherit the tag.
+    servers = {p.pid for p in psutil.process_iter() if ours(p)}
+    workers = [pid for pid in servers if psutil.Process(pid).ppid() in servers]
     maps = {pid: open(f"/proc/{pid}/maps").read() for pid in ["self", *workers]}
     print(json.dumps({
         "rewards": [hanging["rewards"].item(), ordinary["rewards"].item()],
@@ -280,3 +294,56 @@ def test_works_loaded_by_path_under_a_script_main_and_workers_carry_no_torch(tmp
     assert report["seconds"] < LIMIT + MARGIN
     assert report["workers"] >= 1 and report["libtorch"].pop("self") is True
     assert not any(report["libtorch"].values())
+
+
+# A small script as a user writes one to try the reward function: no main guard, run as a file, from standard
+# input or with -c. Worker processes must not run it again (nor fail to find '<stdin>').
+_UNGUARDED_CALLER = """
+import importlib.util, json, sys
+
+spec = importlib.util.spec_from_file_location("reward_func", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+print(json.dumps(module.reward_func(["\\\\boxed{2}", "\\\\boxed{3}"], ["", ""], ["2", "2"])["rewards"].tolist()))
+"""
+
+
+def rewards_printed(command, **kwargs):
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, **kwargs)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_grades_right_when_called_from_an_unguarded_script(tmp_path):
+    script = tmp_path / "try_reward.py"
+    script.write_text(_UNGUARDED_CALLER)
+    assert rewards_printed([sys.executable, str(script), str(_PATH)]) == [1.0, 0.0]
+
+
+def test_grades_right_when_called_from_standard_input():
+    assert rewards_printed([sys.executable, "-", str(_PATH)], input=_UNGUARDED_CALLER) == [1.0, 0.0]
+
+
+def test_grades_right_when_main_has_no_file():
+    # As in a notebook: code run in a __main__ module that has neither a file nor a module name.
+    assert rewards_printed([sys.executable, "-c", _UNGUARDED_CALLER, str(_PATH)]) == [1.0, 0.0]
+
+
+_CALLER_WHOSE_GRADER_CANNOT_START = """
+import os
+from meds_patch.tools.math_reward import judge
+
+# Set after this interpreter started: every new one fails at start-up, before it can import anything.
+os.environ["PYTHONIOENCODING"] = "no-such-codec"
+print(judge(["2"], ["2"]))
+"""
+
+
+def test_workers_that_cannot_start_raise_an_error_that_says_why():
+    run = subprocess.run(
+        [sys.executable, "-c", _CALLER_WHOSE_GRADER_CANNOT_START], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode != 0 and run.stdout == ""
+    [error] = [line for line in run.stderr.splitlines() if line.startswith("RuntimeError")]
+    assert "the grading process could not start" in error
+    assert "LookupError: unknown encoding: no-such-codec" in run.stderr.split(error)[1]
