@@ -10,8 +10,8 @@ float tensors of shape (N,) holding 1.0 for a correct answer and 0.0 otherwise (
 last box, any parsing error, and a check stopped at the time limit). ``extra_logs["boxed_found"]`` is 1.0 where
 a complete box was found, ``extra_logs["verify_timeout"]`` 1.0 where the check was stopped.
 
-Every answer is checked in a small pool of worker processes (``meds_patch.tools.math_reward``), started at the first
-call, and a check gets at most ``MEDS_REWARD_TIMEOUT`` seconds (default 5) before its worker is killed and
+Every answer is checked in a small pool of worker processes kept by a grading process of its own
+(``meds_patch.tools.math_reward``), started at the first call, and a check gets at most ``MEDS_REWARD_TIMEOUT`` seconds (default 5) before its worker is killed and
 replaced, with a logged warning. OpenRLHF calls this function from threads, where math-verify's own signal-based
 timeouts cannot work, and some answers (``\\boxed{9^{9^{9^{9}}}}``) would otherwise stall the whole vLLM actor
 for minutes. ``MEDS_REWARD_WORKERS`` sets the pool size (default min(4, CPUs)).
