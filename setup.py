@@ -41,7 +41,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "py-spy"],  # py-spy: bench/step_overhead.py samples the run with it
         "vllm": ["openrlhf[vllm]==0.11.2"],
     },
     cmdclass={"build_py": build_py_with_hook},

@@ -239,17 +239,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="1 seed, 1 episode (4 steps at most): a smoke test")
     parser.add_argument("--work", default=None, help="folder for the runs (default: a temporary one, removed)")
     parser.add_argument("--results", default=RESULTS, help="where the JSON and the plot go (default: bench/results)")
-    parser.add_argument(
-        "--overhead",
-        action="store_true",
-        help="step time only: upstream (no --meds) vs meds, seed 0, 3 episodes, no dynamic filtering",
-    )
     args = parser.parse_args()
-    arms = ARMS
     if args.quick:
         args.seeds, args.episodes, args.eval_steps = [0], 1, 3
-    if args.overhead:  # no evaluation: every step is a training step
-        arms, args.seeds, args.episodes, args.eval_steps = {"upstream": None, "meds": 0.1}, [0], 3, 10**6
     suffix = "_quick" if args.quick else ""
     start = time.time()
     print("preparing the fine-tuned model (cached after the first time) ...", flush=True)
@@ -264,13 +256,10 @@ def main():
     try:
         with LocalRayCluster(env=CPU_ENV) as cluster:
             for seed in args.seeds:
-                for arm, alpha in arms.items():
+                for arm, alpha in ARMS.items():
                     folder = os.path.join(work, f"{arm}-{seed}")
                     print(f"[{time.time() - start:.0f} s] {arm}, seed {seed} ...", flush=True)
                     argv = run_args(model, folder, seed, alpha, args.episodes, args.eval_steps)
-                    if args.overhead:  # refills of filtered groups would make the work per step differ by arm
-                        cut = argv.index("--algo.dynamic_filtering_enable")
-                        argv = argv[:cut] + argv[cut + 4 :]
                     os.makedirs(folder, exist_ok=True)
                     if submit(cluster, argv, os.path.join(folder, "job.log"), on_line=lambda line: None) != 0:
                         raise SystemExit(f"the {arm} run of seed {seed} failed: see {folder}/job.log")
@@ -279,12 +268,6 @@ def main():
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    if args.overhead:
-        medians = {arm: statistics.median(runs[(arm, 0)]["step_seconds"]) for arm in arms}
-        steps = {arm: len(runs[(arm, 0)]["step_seconds"]) for arm in arms}
-        print(f"median seconds per step: upstream {medians['upstream']:.2f} ({steps['upstream']} steps), meds "
-              f"{medians['meds']:.2f} ({steps['meds']} steps): {100 * (medians['meds'] / medians['upstream'] - 1):+.1f}%")  # fmt: skip
-        return
     os.makedirs(args.results, exist_ok=True)
     out_json = os.path.join(args.results, f"collapse_ablation{suffix}.json")
     report = summarise(runs, args.seeds, out_json, os.path.join(args.results, f"collapse_ablation{suffix}.png"))

@@ -44,3 +44,27 @@ def test_collapse_ablation_quick_mode_writes_its_table_and_plot(tmp_path):
     out = run("bench/collapse_ablation.py", "--quick", "--results", str(tmp_path))
     assert "| pass@8 |" in out and "Median seconds per step" in out and "Decision (protocol)" in out
     assert (tmp_path / "collapse_ablation_quick.png").stat().st_size > 0
+
+
+def test_step_overhead_charges_py_spy_samples_to_the_memory_parts(tmp_path):
+    # The whole bench takes about 20 minutes (BENCHMARKS.md); here its attribution, on real py-spy samples of a
+    # process that runs ErrorMemory updates: the critical-path update and the background re-clustering.
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    from step_overhead import RATE, charge
+
+    workload = (
+        "import numpy as np, time\n"
+        "from meds_patch import ErrorMemory\n"
+        "memory, rng, end = ErrorMemory(), np.random.default_rng(0), time.time() + 8\n"
+        "while time.time() < end:\n"
+        "    memory.update([str(i % 4) for i in range(64)], np.zeros(64, bool), rng.random((64, 14)))\n"
+    )
+    job = subprocess.Popen([sys.executable, "-c", workload])
+    raw = tmp_path / "samples.txt"
+    py_spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    subprocess.run([py_spy, "record", "-p", str(job.pid), "-r", str(RATE), "--format", "raw", "-o", str(raw),
+                    "--nonblocking", "--duration", "5"], check=True, capture_output=True, timeout=60)  # fmt: skip
+    job.wait(timeout=60)
+    samples = charge(str(raw))
+    assert samples["memory update (critical path)"] > 0 and samples["re-clustering (background thread)"] > 0
+    assert not {"answer search (actor)", "final answers for metrics"} & set(samples)

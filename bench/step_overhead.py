@@ -1,0 +1,254 @@
+"""What MEDS adds to a whole training step of upstream's ``train_ppo_ray``, on CPU, measured so it can be trusted.
+
+Two arms with the same seed and the same work per step (no dynamic filtering, no evaluation, no checkpoint): upstream
+(no ``--meds``) and ``--meds --algo.meds.alpha 0`` (4 layers), on the tiny Qwen2 of bench/collapse_ablation.py.
+At alpha 0 MEDS does all its work (capture, answer search, memory, re-clustering, metrics) but every penalty is 0,
+so both arms train on the same rewards; with alpha > 0 the policies part and their rollouts (lengths, answers)
+differ, which is MEDS's effect, not its cost (``--alpha`` sets it). The arms run alternately on one Ray cluster,
+in the order AB BA AB ... so that a drift of the machine falls on both; each pair gives the ratio of its two median
+step intervals. Then one more pair runs under py-spy (sampling the job's processes, idle threads left out), and the
+samples inside MEDS's code are summed per part: CPU seconds per step of each part, in each arm.
+
+    python bench/step_overhead.py            # 5 timed pairs of 12 steps + 1 profiled pair, about 20 min here
+    python bench/step_overhead.py --quick    # 1 timed pair + 1 profiled pair of 4 steps: the pipeline only
+
+Results: bench/results/step_overhead.json (``--quick``: step_overhead_quick.json), and a table on stdout.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+
+import numpy as np
+from collapse_ablation import RESULTS, carry_model, carry_questions, run_args, series
+
+from meds_patch.cpu.demo import CPU_ENV, LocalRayCluster, submit
+from meds_patch.cpu.tiny_math import write_prompts
+
+ARMS = ("upstream", "meds")
+RATE = 100  # py-spy samples per second
+# Each part of MEDS as the (file, functions) whose frames it spends its time in. A sample is charged to the part of
+# its innermost MEDS frame, so time spent in hdbscan under the background fit counts as that fit.
+PARTS = {
+    "answer search (actor)": ("core/features.py", {"find_answer_positions", "token_search", "text_search",
+                                                   "_vocabulary_flags"}),
+    "capture hooks (actor)": ("core/features.py", {"hook", "__init__", "__enter__", "__exit__", "decoder_parts"}),
+    "LM head at the answer (actor)": ("core/features.py", {"logits"}),
+    "capture set-up (actor)": ("integration/glue.py", {"start_capture", "finish_capture"}),
+    "attaching features": ("integration/glue.py", {"attach_features"}),
+    "reading outcomes": ("integration/glue.py", {"record_outcomes"}),
+    "memory update (critical path)": ("core/memory.py", {"update", "_cluster_sizes", "_append", "checked_step",
+                                                         "memory_groups", "measure", "unit_rows",
+                                                         "wait_for_refit"}),
+    "re-clustering (background thread)": ("core/memory.py", {"_fit_all", "cluster_labels"}),
+    "final answers for metrics": ("integration/glue.py", {"final_answers"}),
+    "shaping the rewards": ("integration/glue.py", {"shape_rewards", "apply_penalties", "penalty_term",
+                                                    "prompt_key", "wrong_answer_diversity"}),
+    "logging": ("integration/glue.py", {"step_metrics", "summary"}),
+    "checkpoint state": ("integration/glue.py", {"memory_state", "restore_memory", "state_dict",
+                                                 "load_state_dict"}),
+}  # fmt: skip
+FILES_OF = {"apply_penalties": "core/penalty.py", "penalty_term": "core/penalty.py", "prompt_key": "core/memory.py",
+            "wrong_answer_diversity": "core/metrics.py", "summary": "core/memory.py",
+            "state_dict": "core/memory.py", "load_state_dict": "core/memory.py"}  # fmt: skip
+
+
+def part_of(frame: str):
+    """The part a raw py-spy frame ``function (path:line)`` belongs to, or None."""
+    function, _, where = frame.rpartition(" (")
+    path = where.rsplit(":", 1)[0]
+    if "meds_patch/" not in path:
+        return None
+    for part, (file, functions) in PARTS.items():
+        if function in functions and path.endswith(FILES_OF.get(function, file)):
+            return part
+    return None
+
+
+def charge(raw_file: str) -> Counter:
+    """Samples per part in one py-spy raw file (``frame;frame;... count``, outermost first)."""
+    samples = Counter()
+    with open(raw_file, errors="replace") as fh:
+        for line in fh:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            parts = [part_of(frame) for frame in stack.split(";")]
+            inner = next((p for p in reversed(parts) if p), None)
+            samples[inner or "(not MEDS)"] += int(count)
+    return samples
+
+
+class Profiler:
+    """py-spy on every Ray worker process of ``cluster`` (its session), each attached as it appears."""
+
+    def __init__(self, cluster: LocalRayCluster, folder: str):
+        self.cluster, self.folder, self.stop = cluster, folder, threading.Event()
+        self.spies, self.titles = {}, {}
+        self.before = set()  # processes of the cluster from before the job (its agents, idle workers): not its own
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self):
+        py_spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+        while not self.stop.wait(0.5):
+            for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                        title = fh.read().split(b"\0")[0].decode(errors="replace").split(".")[0].strip()
+                    if os.getsid(pid) != self.cluster.process.pid or not title.startswith(("ray::", "VLLM")):
+                        continue
+                except OSError:
+                    continue
+                if title != "ray::IDLE" or pid not in self.titles:  # a worker takes its actor's name once it has one
+                    self.titles[pid] = title
+                if pid in self.spies or pid in self.before:
+                    continue
+                out = os.path.join(self.folder, f"{pid}.txt")
+                self.spies[pid] = subprocess.Popen(
+                    [py_spy, "record", "-p", str(pid), "-r", str(RATE), "--format", "raw", "--nonblocking", "-o", out],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+
+    def __enter__(self):
+        os.makedirs(self.folder)
+        self.before = {int(p) for p in os.listdir("/proc") if p.isdigit()}
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        for spy in self.spies.values():  # a spy on a worker that outlives the job: stopped, it writes its file
+            if spy.poll() is None:
+                spy.send_signal(signal.SIGINT)
+        for spy in self.spies.values():
+            spy.wait(timeout=60)
+
+    def samples(self) -> dict:
+        """{process title: Counter of samples per part}."""
+        by_title = defaultdict(Counter)
+        for pid, title in self.titles.items():
+            if os.path.exists(os.path.join(self.folder, f"{pid}.txt")):
+                by_title[title].update(charge(os.path.join(self.folder, f"{pid}.txt")))
+        return dict(by_title)
+
+
+def one_run(cluster, model, work, name, alpha, episodes, profile=False):
+    folder = os.path.join(work, name)
+    os.makedirs(folder, exist_ok=True)
+    argv = run_args(model, folder, 0, alpha, episodes, 10**6)
+    cut = argv.index("--algo.dynamic_filtering_enable")  # refills of filtered groups would vary the work per step
+    argv = argv[:cut] + argv[cut + 4 :]
+    spies = Profiler(cluster, os.path.join(folder, "py-spy"))
+    with spies if profile else contextlib.nullcontext():
+        code = submit(cluster, argv, os.path.join(folder, "job.log"), on_line=lambda line: None)
+    if code != 0:
+        raise SystemExit(f"run {name} failed: see {folder}/job.log")
+    values, intervals = series(os.path.join(folder, "tensorboard"), 10**6)
+    controller = list(values.get("train/meds/controller_seconds", {}).values())
+    lengths = [v for tag, points in values.items() if tag.endswith("response_length") for v in points.values()]
+    return {"intervals": intervals, "steps": len(values.get("train/reward", {})), "controller_seconds": controller,
+            "mean_response_length": float(np.mean(lengths)) if lengths else None,
+            "samples": spies.samples() if profile else None}  # fmt: skip
+
+
+def bootstrap_interval(upstream_runs, meds_runs, draws=2000, seed=0):
+    """95% interval of median(meds) / median(upstream), resampling the pairs, then the intervals within each run."""
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for _ in range(draws):
+        chosen = rng.integers(len(upstream_runs), size=len(upstream_runs))
+        up = np.concatenate([rng.choice(upstream_runs[i], len(upstream_runs[i])) for i in chosen])
+        me = np.concatenate([rng.choice(meds_runs[i], len(meds_runs[i])) for i in chosen])
+        ratios.append(np.median(me) / np.median(up))
+    return [float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", type=int, default=5, help="timed pairs of runs (default: 5)")
+    parser.add_argument("--alpha", type=float, default=0.0, help="--algo.meds.alpha of the meds arm (default: 0)")
+    parser.add_argument("--episodes", type=int, default=3, help="episodes per run, 4 steps each (default: 3)")
+    parser.add_argument("--quick", action="store_true", help="1 timed pair and the profiled pair, 1 episode each")
+    parser.add_argument("--results", default=RESULTS, help="where the JSON goes (default: bench/results)")
+    args = parser.parse_args()
+    if args.quick:
+        args.pairs, args.episodes = 1, 1
+    start = time.time()
+    model = carry_model()
+    pairs = carry_questions()
+    random.Random(0).shuffle(pairs)
+    work = tempfile.mkdtemp(prefix="meds-overhead-")
+    write_prompts(os.path.join(work, "train.jsonl"), pairs[:32])
+    write_prompts(os.path.join(work, "heldout.jsonl"), pairs[32:96])
+    timed, profiled = [], {}
+    try:
+        with LocalRayCluster(env=CPU_ENV) as cluster:
+            alphas = {"upstream": None, "meds": args.alpha}
+            for pair in range(args.pairs):
+                runs = {}
+                for arm in ARMS if pair % 2 == 0 else ARMS[::-1]:
+                    print(f"[{time.time() - start:.0f} s] pair {pair + 1}: {arm}", flush=True)
+                    runs[arm] = one_run(cluster, model, work, f"{arm}-{pair}", alphas[arm], args.episodes)
+                timed.append(runs)
+            for arm in ARMS:
+                print(f"[{time.time() - start:.0f} s] profiled: {arm}", flush=True)
+                profiled[arm] = one_run(cluster, model, work, f"{arm}-p", alphas[arm], args.episodes, profile=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    pair_ratios = [statistics.median(r["meds"]["intervals"]) / statistics.median(r["upstream"]["intervals"])
+                   for r in timed]  # fmt: skip
+    ratio = statistics.median(pair_ratios)
+    pooled = statistics.median(x for r in timed for x in r["meds"]["intervals"]) / statistics.median(
+        x for r in timed for x in r["upstream"]["intervals"]
+    )
+    interval = bootstrap_interval([r["upstream"]["intervals"] for r in timed], [r["meds"]["intervals"] for r in timed])
+    lines = [f"meds arm: --meds --algo.meds.alpha {args.alpha:g}; median seconds per step (intervals), mean response "
+             "length", "", "| pair | order | upstream | meds | ratio |", "|---|---|---|---|---|"]  # fmt: skip
+    for i, (r, q) in enumerate(zip(timed, pair_ratios)):
+        cells = [f"{statistics.median(r[a]['intervals']):.3f} ({len(r[a]['intervals'])}), "
+                 f"{r[a]['mean_response_length'] or float('nan'):.1f} tok" for a in ARMS]  # fmt: skip
+        lines.append(f"| {i + 1} | {'AB' if i % 2 == 0 else 'BA'} | {cells[0]} | {cells[1]} | {q:.3f} |")
+    lines += ["", f"Median ratio over {len(timed)} pairs: {ratio:.3f} (pairs {min(pair_ratios):.3f} to "
+              f"{max(pair_ratios):.3f}; bootstrap 95% interval {interval[0]:.3f} to {interval[1]:.3f}); "
+              f"all intervals pooled: {pooled:.3f}."]  # fmt: skip
+
+    steps = {arm: max(profiled[arm]["steps"], 1) for arm in ARMS}
+    lines += ["", "CPU seconds per training step, by py-spy in the profiled pair (every Ray worker and vLLM process, "
+              "idle threads left out; '(not MEDS)' is the rest of the run, start-up included):", "",
+              "| part | process | upstream | meds |", "|---|---|---|---|"]  # fmt: skip
+    breakdown = []
+    titles = sorted(set(profiled["upstream"]["samples"]) | set(profiled["meds"]["samples"]))
+    for part in [*PARTS, "(not MEDS)"]:
+        for title in titles:
+            per_step = {arm: profiled[arm]["samples"].get(title, Counter())[part] / RATE / steps[arm] for arm in ARMS}
+            if any(per_step.values()):
+                breakdown.append({"part": part, "process": title, **per_step})
+                lines.append(f"| {part} | {title} | {per_step['upstream']:.4f} | {per_step['meds']:.4f} |")
+    total_s = {arm: sum(row[arm] for row in breakdown) for arm in ARMS}
+    lines.append(f"| everything sampled | all | {total_s['upstream']:.3f} | {total_s['meds']:.3f} |")
+    report = "\n".join(lines)
+    print(report)
+    os.makedirs(args.results, exist_ok=True)
+    out = os.path.join(args.results, f"step_overhead{'_quick' if args.quick else ''}.json")
+    with open(out, "w") as fh:
+        json.dump({"ratio": ratio, "pooled_ratio": pooled, "alpha": args.alpha, "pair_ratios": pair_ratios,
+                   "bootstrap_95": interval,
+                   "pairs": [{a: {k: v for k, v in r[a].items() if k != "samples"} for a in ARMS} for r in timed],
+                   "breakdown_cpu_seconds_per_step": breakdown, "profiled_steps": steps,
+                   "seconds": time.time() - start, "table": report}, fh, indent=1)  # fmt: skip
+    print(f"done in {time.time() - start:.0f} s; {out}")
+
+
+if __name__ == "__main__":
+    main()
