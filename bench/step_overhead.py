@@ -158,6 +158,8 @@ def one_run(cluster, model, work, name, alpha, episodes, profile=False):
     lengths = [v for tag, points in values.items() if tag.endswith("response_length") for v in points.values()]
     return {"intervals": intervals, "steps": len(values.get("train/reward", {})), "controller_seconds": controller,
             "mean_response_length": float(np.mean(lengths)) if lengths else None,
+            # upstream's own per-phase seconds (make_experience, ppo_train, broadcast), median over the steps
+            "phases": {tag: statistics.median(points.values()) for tag, points in values.items() if "timing/" in tag},
             "samples": spies.samples() if profile else None}  # fmt: skip
 
 
