@@ -143,7 +143,8 @@ def run_args(model, folder, seed, alpha, episodes, eval_steps):
 
 
 def series(tensorboard_dir, eval_steps):
-    """{tag: {step: value}} and the wall-clock seconds between consecutive training steps without an evaluation."""
+    """{tag: {step: value}}, the wall-clock seconds between consecutive training steps without an evaluation, and
+    {step: wall-clock time} of each step's log."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     values, walls = {}, {}
@@ -157,7 +158,7 @@ def series(tensorboard_dir, eval_steps):
                         walls[event.step] = event.wall_time
     steps = sorted(walls)
     pairs = [(a, b) for a, b in zip(steps, steps[1:]) if b == a + 1 and a % eval_steps and b % eval_steps]
-    return values, [walls[b] - walls[a] for a, b in pairs]
+    return values, [walls[b] - walls[a] for a, b in pairs], walls
 
 
 def summarise(runs, seeds, out_json, out_png):
@@ -263,7 +264,7 @@ def main():
                     os.makedirs(folder, exist_ok=True)
                     if submit(cluster, argv, os.path.join(folder, "job.log"), on_line=lambda line: None) != 0:
                         raise SystemExit(f"the {arm} run of seed {seed} failed: see {folder}/job.log")
-                    values, step_seconds = series(os.path.join(folder, "tensorboard"), args.eval_steps)
+                    values, step_seconds, _ = series(os.path.join(folder, "tensorboard"), args.eval_steps)
                     runs[(arm, seed)] = {"values": values, "step_seconds": step_seconds}
     finally:
         if not args.work:

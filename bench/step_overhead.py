@@ -9,14 +9,13 @@ in the order AB BA AB ... so that a drift of the machine falls on both; each pai
 step intervals. Then one more pair runs under py-spy (sampling the job's processes, idle threads left out), and the
 samples inside MEDS's code are summed per part: CPU seconds per step of each part, in each arm.
 
-    python bench/step_overhead.py            # 5 timed pairs of 12 steps + 1 profiled pair, about 20 min here
+    python bench/step_overhead.py            # 5 timed pairs of 12 steps + 1 profiled pair, about 17 min here
     python bench/step_overhead.py --quick    # 1 timed pair + 1 profiled pair of 4 steps: the pipeline only
 
-Results: bench/results/step_overhead.json (``--quick``: step_overhead_quick.json), and a table on stdout.
+Results: bench/results/overhead.json (``--quick``: overhead_quick.json), and a table on stdout.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -38,6 +37,7 @@ from meds_patch.cpu.tiny_math import write_prompts
 
 ARMS = ("upstream", "meds")
 RATE = 100  # py-spy samples per second
+TICK = os.sysconf("SC_CLK_TCK")  # /proc counts CPU time in these
 # Each part of MEDS as the (file, functions) whose frames it spends its time in. A sample is charged to the part of
 # its innermost MEDS frame, so time spent in hdbscan under the background fit counts as that fit.
 PARTS = {
@@ -88,29 +88,40 @@ def charge(raw_file: str) -> Counter:
     return samples
 
 
-class Profiler:
-    """py-spy on every Ray worker process of ``cluster`` (its session), each attached as it appears."""
+class ClusterProcesses:
+    """Every process of ``cluster`` while a job runs (its nodes' and the job driver's): the CPU time of each (from /proc, all its threads,
+    native ones included) and of the whole machine, four times a second; with ``spy``, also a py-spy recorder on
+    each Ray worker and vLLM process the job starts, attached as it appears."""
 
-    def __init__(self, cluster: LocalRayCluster, folder: str):
-        self.cluster, self.folder, self.stop = cluster, folder, threading.Event()
-        self.spies, self.titles = {}, {}
-        self.before = set()  # processes of the cluster from before the job (its agents, idle workers): not its own
+    def __init__(self, cluster: LocalRayCluster, folder: str, spy: bool):
+        self.cluster, self.folder, self.spy, self.stop = cluster, folder, spy, threading.Event()
+        self.spies, self.titles, self.ticks, self.machine = {}, {}, defaultdict(list), []
+        self.before = set()  # processes of the cluster from before the job (its agents, idle workers): not spied on
         self.thread = threading.Thread(target=self._watch, daemon=True)
 
     def _watch(self):
         py_spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
-        while not self.stop.wait(0.5):
-            for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        while not self.stop.wait(0.25):
+            now = time.time()
+            with open("/proc/stat") as fh:
+                cpu = [int(x) for x in fh.readline().split()[1:]]
+            self.machine.append((now, (sum(cpu) - cpu[3] - cpu[4]) / TICK))  # busy: all but idle and iowait
+            for pid in self.cluster.own_processes():
                 try:
                     with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                        title = fh.read().split(b"\0")[0].decode(errors="replace").split(".")[0].strip()
-                    if os.getsid(pid) != self.cluster.process.pid or not title.startswith(("ray::", "VLLM")):
-                        continue
+                        argv = fh.read().decode(errors="replace").split("\0")
+                    with open(f"/proc/{pid}/stat") as fh:
+                        utime, stime = fh.read().rpartition(")")[2].split()[11:13]
                 except OSError:
                     continue
-                if title != "ray::IDLE" or pid not in self.titles:  # a worker takes its actor's name once it has one
+                self.ticks[pid].append((now, (int(utime) + int(stime)) / TICK))
+                title = argv[0].split(".")[0].strip()
+                if not title.startswith(("ray::", "VLLM")):
+                    title = " ".join(os.path.basename(a) for a in argv[:2] if a)[:48]
+                # A worker takes its actor's name once it has one; a process that has exited reads as ""
+                if title and (title != "ray::IDLE" or pid not in self.titles):
                     self.titles[pid] = title
-                if pid in self.spies or pid in self.before:
+                if not self.spy or pid in self.spies or pid in self.before or not title.startswith(("ray::", "VLLM")):
                     continue
                 out = os.path.join(self.folder, f"{pid}.txt")
                 self.spies[pid] = subprocess.Popen(
@@ -133,8 +144,21 @@ class Profiler:
         for spy in self.spies.values():
             spy.wait(timeout=60)
 
+    def cpu_seconds(self, start: float, end: float) -> dict:
+        """CPU seconds spent between two wall-clock times: {process title: seconds} and the whole machine's busy
+        seconds under "(machine)". A reading is the last one taken at or before the time (0 before the first)."""
+
+        def at(readings, t):
+            return next((value for when, value in reversed(readings) if when <= t), 0.0)
+
+        spent = defaultdict(float)
+        for pid, readings in self.ticks.items():
+            spent[self.titles.get(pid, "(exited unnamed)")] += at(readings, end) - at(readings, start)
+        spent["(machine)"] = at(self.machine, end) - at(self.machine, start)
+        return dict(spent)
+
     def samples(self) -> dict:
-        """{process title: Counter of samples per part}."""
+        """{process title: Counter of py-spy samples per part}."""
         by_title = defaultdict(Counter)
         for pid, title in self.titles.items():
             if os.path.exists(os.path.join(self.folder, f"{pid}.txt")):
@@ -148,19 +172,21 @@ def one_run(cluster, model, work, name, alpha, episodes, profile=False):
     argv = run_args(model, folder, 0, alpha, episodes, 10**6)
     cut = argv.index("--algo.dynamic_filtering_enable")  # refills of filtered groups would vary the work per step
     argv = argv[:cut] + argv[cut + 4 :]
-    spies = Profiler(cluster, os.path.join(folder, "py-spy"))
-    with spies if profile else contextlib.nullcontext():
+    with ClusterProcesses(cluster, os.path.join(folder, "processes"), spy=profile) as processes:
         code = submit(cluster, argv, os.path.join(folder, "job.log"), on_line=lambda line: None)
     if code != 0:
         raise SystemExit(f"run {name} failed: see {folder}/job.log")
-    values, intervals = series(os.path.join(folder, "tensorboard"), 10**6)
+    values, intervals, walls = series(os.path.join(folder, "tensorboard"), 10**6)
+    # CPU per step interval, from the first step's log to the last: start-up and the final save left out
+    first, last = min(walls.values()), max(walls.values())
+    cpu = {title: seconds / (len(walls) - 1) for title, seconds in processes.cpu_seconds(first, last).items()}
     controller = list(values.get("train/meds/controller_seconds", {}).values())
     lengths = [v for tag, points in values.items() if tag.endswith("response_length") for v in points.values()]
     return {"intervals": intervals, "steps": len(values.get("train/reward", {})), "controller_seconds": controller,
             "mean_response_length": float(np.mean(lengths)) if lengths else None,
             # upstream's own per-phase seconds (make_experience, ppo_train, broadcast), median over the steps
             "phases": {tag: statistics.median(points.values()) for tag, points in values.items() if "timing/" in tag},
-            "samples": spies.samples() if profile else None}  # fmt: skip
+            "cpu_seconds_per_step": cpu, "samples": processes.samples() if profile else None}  # fmt: skip
 
 
 def bootstrap_interval(upstream_runs, meds_runs, draws=2000, seed=0):
@@ -225,6 +251,30 @@ def main():
               f"{max(pair_ratios):.3f}; bootstrap 95% interval {interval[0]:.3f} to {interval[1]:.3f}); "
               f"all intervals pooled: {pooled:.3f}."]  # fmt: skip
 
+    # Where the step's seconds go: upstream's own phase timers, and the CPU of each process within the steps
+    phases = sorted({tag for r in timed for arm in ARMS for tag in r[arm]["phases"]})
+    lines += ["", "Median over the pairs of each run's median seconds per step, by upstream's phase timers:", "",
+              "| phase | upstream | meds | meds - upstream |", "|---|---|---|---|"]  # fmt: skip
+    phase_table = {}
+    for tag in phases:
+        per_arm = {a: statistics.median(r[a]["phases"].get(tag, float("nan")) for r in timed) for a in ARMS}
+        phase_table[tag] = per_arm
+        lines.append(f"| {tag} | {per_arm['upstream']:.3f} | {per_arm['meds']:.3f} | "
+                     f"{per_arm['meds'] - per_arm['upstream']:+.3f} |")  # fmt: skip
+    titles = sorted(
+        {t for r in timed for a in ARMS for t in r[a]["cpu_seconds_per_step"]}, key=lambda t: t != "(machine)"
+    )
+    lines += ["", "CPU seconds per step, from /proc (every thread), between the first and the last step's log; median "
+              "over the pairs ('(machine)': the whole machine's busy CPU, of 2 cores):", "",
+              "| process | upstream | meds | meds - upstream |", "|---|---|---|---|"]  # fmt: skip
+    cpu_table = {}
+    for title in titles:
+        per_arm = {a: statistics.median(r[a]["cpu_seconds_per_step"].get(title, 0.0) for r in timed) for a in ARMS}
+        cpu_table[title] = per_arm
+        if max(per_arm.values()) >= 0.005:
+            lines.append(f"| {title} | {per_arm['upstream']:.3f} | {per_arm['meds']:.3f} | "
+                         f"{per_arm['meds'] - per_arm['upstream']:+.3f} |")  # fmt: skip
+
     steps = {arm: max(profiled[arm]["steps"], 1) for arm in ARMS}
     lines += ["", "CPU seconds per training step, by py-spy in the profiled pair (every Ray worker and vLLM process, "
               "idle threads left out; '(not MEDS)' is the rest of the run, start-up included):", "",
@@ -242,11 +292,12 @@ def main():
     report = "\n".join(lines)
     print(report)
     os.makedirs(args.results, exist_ok=True)
-    out = os.path.join(args.results, f"step_overhead{'_quick' if args.quick else ''}.json")
+    out = os.path.join(args.results, f"overhead{'_quick' if args.quick else ''}.json")
     with open(out, "w") as fh:
         json.dump({"ratio": ratio, "pooled_ratio": pooled, "alpha": args.alpha, "pair_ratios": pair_ratios,
                    "bootstrap_95": interval,
                    "pairs": [{a: {k: v for k, v in r[a].items() if k != "samples"} for a in ARMS} for r in timed],
+                   "phases_seconds_per_step": phase_table, "process_cpu_seconds_per_step": cpu_table,
                    "breakdown_cpu_seconds_per_step": breakdown, "profiled_steps": steps,
                    "seconds": time.time() - start, "table": report}, fh, indent=1)  # fmt: skip
     print(f"done in {time.time() - start:.0f} s; {out}")
