@@ -9,7 +9,9 @@ import urllib.request
 import pytest
 
 from meds_patch.__main__ import main
-from meds_patch.cpu.demo import LocalRayCluster, group_alive
+import time
+
+from meds_patch.cpu.demo import LocalRayCluster, process_tree, zombie
 
 
 def answers(address: str) -> bool:
@@ -20,15 +22,42 @@ def answers(address: str) -> bool:
         return False
 
 
-def test_a_second_cluster_ignores_ray_address_and_stops_only_itself(ray_cluster, monkeypatch):
+def test_a_second_cluster_of_two_nodes_ignores_ray_address_and_stops_only_itself(ray_cluster, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", ray_cluster.gcs_address)
-    cluster = LocalRayCluster(num_gpus=0, num_cpus=1).start()
-    group, temp_dir = cluster.process.pid, cluster.temp_dir
+    cluster = LocalRayCluster(num_gpus=0, num_cpus=1, nodes=2, node_gpus=0).start()
+    processes, temp_dir = cluster.own_processes(), cluster.temp_dir
+    node_ips = [cmdline(str(p.pid)).split("--node-ip-address\0")[1].split("\0")[0] for p in cluster.processes]
+    assert node_ips == ["127.0.0.1", "127.0.0.2"]
     assert cluster.dashboard_port != ray_cluster.dashboard_port and answers(cluster.address)
+    assert not set(processes) & set(ray_cluster.own_processes())
     cluster.stop()
-    assert not group_alive(group)  # no process of its session is left
+    # every process of both nodes is gone (a zombie is: it waits for init, which this machine's reaps late)
+    assert not [pid for pid in processes if os.path.exists(f"/proc/{pid}") and not zombie(pid)]
     assert not os.path.exists(temp_dir) and not answers(cluster.address)
     assert answers(ray_cluster.address)
+
+
+def test_process_tree_holds_a_daemon_that_left_its_parent_and_nothing_of_the_callers(tmp_path):
+    # The child forks a sleeper and exits: the sleeper's parent is then init, but it stays in the child's session.
+    script = "sleep 60 & echo $! > daemon; exit 0"
+    child = subprocess.Popen(["sh", "-c", script], cwd=tmp_path, start_new_session=True)
+    try:
+        child.wait(timeout=10)
+        daemon = int((tmp_path / "daemon").read_text())
+        time.sleep(0.2)
+        assert process_tree([child.pid]) == [daemon]  # the child itself is gone
+        assert os.getpid() not in process_tree([daemon]) and 1 not in process_tree([daemon])
+    finally:
+        os.kill(daemon, signal.SIGKILL)
+
+
+def test_process_tree_of_a_process_in_the_callers_session_is_its_subtree_only():
+    sleeper = subprocess.Popen(["sleep", "60"])  # our session, whose leader is not below the sleeper
+    try:
+        assert process_tree([sleeper.pid]) == [sleeper.pid]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_demo_will_not_write_over_an_earlier_run(tmp_path, capsys):

@@ -8,6 +8,7 @@ few CUDA-only calls. Each step's ``train/meds/*`` values are printed as TensorBo
 stopped on exit, error or Ctrl-C, by the process group of the ``ray start`` it launched, and nothing else.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -44,37 +45,87 @@ def free_ports(count: int) -> List[int]:
             sock.close()
 
 
-def group_alive(group: int) -> bool:
+def zombie(pid: int) -> bool:
     try:
-        os.killpg(group, 0)
-        return True
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
         return False
 
 
-class LocalRayCluster:
-    """A Ray head of our own: ``ray start --head --block`` in a new session, stopped by killing that session's
-    process group. Every port is picked free and the temp dir is private, so it coexists with other clusters and
-    ignores ``RAY_ADDRESS``."""
+def process_tree(roots: Sequence[int]) -> List[int]:
+    """The live processes below ``roots`` (roots included), and every process of the sessions they lead: a process
+    that forked itself away from its parent (a daemon, a pool server) stays in its session."""
+    parents, sessions = {}, {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        parents[int(entry)], sessions[int(entry)] = int(fields[1]), int(fields[3])
+    found, todo = set(), [pid for pid in roots if pid in parents]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(child for child, parent in parents.items() if parent == pid and child not in found)
+    # Sessions led by a root or a process below one (a session outlives its leader: a root may be gone)
+    own_sessions = set(roots) | {sessions[pid] for pid in found if sessions[pid] in found}
+    return sorted(found | {pid for pid, session in sessions.items() if session in own_sessions})
 
-    def __init__(self, num_gpus: int = 2, num_cpus: int = 8, env: Optional[Dict[str, str]] = None):
+
+class LocalRayCluster:
+    """A Ray cluster of our own on this machine: a head (``ray start --head --block`` at 127.0.0.1) and, with
+    ``nodes`` > 1, worker nodes at 127.0.0.2, 127.0.0.3, ... (``ray start --address ... --block``), each in a
+    session of its own. Every port is picked free and the temp dir is private, so it coexists with other clusters
+    and ignores ``RAY_ADDRESS``. ``stop`` ends every process the nodes started, the job drivers that Ray's job
+    manager runs in sessions of their own included, and nothing else."""
+
+    def __init__(
+        self,
+        num_gpus: int = 2,
+        num_cpus: int = 8,
+        env: Optional[Dict[str, str]] = None,
+        nodes: int = 1,
+        node_gpus: int = 1,
+        node_env: Optional[Dict[str, str]] = None,
+    ):
         self.temp_dir = tempfile.mkdtemp(prefix="meds-ray-", dir="/tmp")  # short: Ray's socket paths live in it
-        flags = ["--port", "--dashboard-port", "--node-manager-port", "--object-manager-port",
-                 "--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                 "--metrics-export-port", "--runtime-env-agent-port"]  # fmt: skip
-        ports = dict(zip(flags, free_ports(len(flags))))
-        self.gcs_port, self.dashboard_port = ports["--port"], ports["--dashboard-port"]
-        self.command = [
-            os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
-            "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--temp-dir", self.temp_dir,
-            "--num-gpus", str(num_gpus), "--num-cpus", str(num_cpus), "--object-store-memory", str(1 << 30),
-            "--disable-usage-stats", *[str(x) for item in ports.items() for x in item],
-        ]  # fmt: skip
+        node_flags = [
+            "--node-manager-port",
+            "--object-manager-port",
+            "--metrics-export-port",
+            "--runtime-env-agent-port",
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+        ]
+        head_flags = ["--port", "--dashboard-port", "--ray-client-server-port", *node_flags]  # fmt: skip
+        ports = iter(free_ports(len(head_flags) + (nodes - 1) * len(node_flags)))
+        head_ports = {flag: next(ports) for flag in head_flags}
+        self.gcs_port, self.dashboard_port = head_ports["--port"], head_ports["--dashboard-port"]
+        ray = os.path.join(os.path.dirname(sys.executable), "ray")
+        common = ["--block", "--num-cpus", str(num_cpus), "--object-store-memory", str(1 << 30),
+                  "--disable-usage-stats"]  # fmt: skip
+        self.commands = [[
+            ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+            "--temp-dir", self.temp_dir, "--num-gpus", str(num_gpus), *common,
+            *[str(x) for item in head_ports.items() for x in item],
+        ]]  # fmt: skip
+        for node in range(1, nodes):
+            self.commands.append([
+                ray, "start", "--address", self.gcs_address, "--node-ip-address", self.node_ip(node),
+                "--num-gpus", str(node_gpus), *common, *[str(x) for flag in node_flags for x in (flag, next(ports))],
+            ])  # fmt: skip
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         # On two busy cores the dashboard's modules can take longer than Ray's default 30 s to come up.
         self.env["RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT"] = "180"
         self.env.update(env or {})
-        self.process: Optional[subprocess.Popen] = None
+        self.node_env = {**self.env, **(node_env or {})}  # the worker nodes' (e.g. one without the import hook)
+        self.processes: List[subprocess.Popen] = []
+
+    @staticmethod
+    def node_ip(node: int) -> str:
+        return f"127.0.0.{node + 1}"
 
     @property
     def address(self) -> str:
@@ -83,48 +134,75 @@ class LocalRayCluster:
 
     @property
     def gcs_address(self) -> str:
-        """For ``ray.init(address=...)``."""
+        """For ``ray.init(address=...)`` and ``ray start --address``."""
         return f"127.0.0.1:{self.gcs_port}"
 
     def start(self, timeout: float = 180) -> "LocalRayCluster":
-        """Start the head and return once its job API answers; on any failure or interrupt, stop what started."""
-        with open(os.path.join(self.temp_dir, "ray-start.log"), "w") as log:  # the head keeps its own copy
-            self.process = subprocess.Popen(
-                self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        """Start the nodes and return once every one is alive in the cluster; on any failure or interrupt, stop
+        what started."""
         try:
             deadline = time.time() + timeout
-            while self.process.poll() is None:
-                try:
-                    urllib.request.urlopen(f"{self.address}/api/version", timeout=2).read()
-                    return self
-                except OSError:
+            for node, command in enumerate(self.commands):
+                with open(self._log(node), "w") as log:
+                    self.processes.append(subprocess.Popen(
+                        command, env=self.env if node == 0 else self.node_env, stdout=log, stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    ))  # fmt: skip
+                while self._alive_nodes() <= node:
+                    for i, process in enumerate(self.processes):
+                        if process.poll() is not None:
+                            raise RuntimeError(f"ray start of node {i} exited with {process.returncode}: "
+                                               f"{self._log_tail(i)}")  # fmt: skip
                     if time.time() > deadline:
-                        raise RuntimeError(f"the Ray head did not answer within {timeout:.0f} s: {self._log_tail()}")
+                        raise RuntimeError(f"node {node} did not join within {timeout:.0f} s: {self._log_tail(node)}")
                     time.sleep(1)
-            raise RuntimeError(f"ray start exited with {self.process.returncode}: {self._log_tail()}")
+            return self
         except BaseException:
             self.stop()
             raise
 
-    def _log_tail(self) -> str:
-        with open(os.path.join(self.temp_dir, "ray-start.log")) as fh:
+    def _alive_nodes(self) -> int:
+        """Live nodes as the job API reports them (0 while it does not answer yet)."""
+        try:
+            with urllib.request.urlopen(f"{self.address}/nodes?view=summary", timeout=5) as answer:
+                summary = json.load(answer)["data"]["summary"]
+        except (OSError, ValueError, KeyError):
+            return 0
+        return sum(node["raylet"]["state"] == "ALIVE" for node in summary)
+
+    def _log(self, node: int) -> str:
+        return os.path.join(self.temp_dir, f"ray-start-{node}.log")
+
+    def _log_tail(self, node: int) -> str:
+        with open(self._log(node), errors="replace") as fh:
             return fh.read()[-2000:]
 
+    def own_processes(self) -> List[int]:
+        """Every process the nodes started, the job drivers that Ray's job manager runs in sessions of their own
+        included."""
+        return process_tree([process.pid for process in self.processes])
+
+    def kill_node(self, node: int) -> None:
+        """SIGKILL every process of one worker node at once, as when its machine dies."""
+        for pid in process_tree([self.processes[node].pid]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.processes[node].wait()
+
     def stop(self) -> None:
-        """SIGTERM to every process of the head's session, SIGKILL to what is left after 20 s; then the temp dir."""
-        if self.process is not None:
-            group = self.process.pid
-            for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-                try:
-                    os.killpg(group, sig)
-                except ProcessLookupError:
-                    break
-                deadline = time.time() + grace
-                while time.time() < deadline and group_alive(group):
-                    self.process.poll()  # reap the head itself
-                    time.sleep(0.2)
-            self.process = None
+        """SIGTERM to every process the nodes started, SIGKILL to what is left after 20 s; then the temp dir."""
+        pids = self.own_processes()
+        for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.time() + grace
+            while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") and not zombie(pid) for pid in pids):
+                time.sleep(0.2)
+        for process in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)  # reap the nodes' own ray start, our children
+        self.processes = []
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self):
