@@ -4,13 +4,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
 
 from meds_patch.__main__ import main
-import time
-
 from meds_patch.cpu.demo import LocalRayCluster, process_tree, zombie
 
 
