@@ -52,6 +52,9 @@ def main(argv=None) -> int:
     demo.add_argument("--steps", type=int, default=6, help="training steps to run (default: 6)")
     demo.add_argument("--save", default=None, help="run folder: DIR/ckpt, DIR/tensorboard, DIR/job.log")
     demo.add_argument("--resume", default=None, help="a run folder of an earlier demo to continue for --steps more")
+    demo.add_argument(
+        "--nodes", type=int, default=1, help="Ray nodes on this machine, one policy rank on each (default: 1)"
+    )
     report = sub.add_parser("report", help="summarise a checkpoint's error memory as Markdown and PNG plots")
     report.add_argument("checkpoint", help="--ckpt.path of a run, its _actor folder, or one checkpoint tag folder")
     report.add_argument("--out", default=None, help="output folder (default: <checkpoint>/meds_report)")
@@ -80,7 +83,10 @@ def main(argv=None) -> int:
         return 0
     from meds_patch.cpu.demo import run_demo
 
-    return run_demo(args.steps, args.save, args.resume)
+    if args.nodes < 1:
+        parser.error(f"--nodes must be 1 or more, not {args.nodes}")
+
+    return run_demo(args.steps, args.save, args.resume, args.nodes)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,13 @@ class Run:
         return [values[tag] for _, values in sorted(self.scalars(tag).items())]
 
 
-def train(cluster, folder, episodes, *extra, meds=True):
+def train(cluster, folder, episodes, *extra, meds=True, nodes=1, succeed=True):
     os.makedirs(folder, exist_ok=True)
     prompts = write_prompts(os.path.join(folder, "prompts.jsonl"), QUESTIONS)
-    args = training_args(prepared_model(), prompts, folder, episodes, meds=meds) + list(extra)
+    args = training_args(prepared_model(), prompts, folder, episodes, meds=meds, nodes=nodes) + list(extra)
     lines = []
     code = submit(cluster, args, os.path.join(folder, "job.log"), lines.append)
-    assert code == 0, "\n".join(lines[-60:])
+    assert (code == 0) == succeed, "\n".join(lines[-60:])
     return Run(folder, lines)
 
 
@@ -101,13 +101,6 @@ def test_async_trainer_applies_meds(ray_cluster, tmp_path):
     run = train(ray_cluster, str(tmp_path), 2, "--train.async_enable")
     assert len(run.series("train/meds/penalty_mean")) == 2
     assert run.series("train/meds/stored_vectors")[-1] > 0
-
-
-def test_zero3_with_a_sharded_memory(ray_cluster, tmp_path):
-    run = train(ray_cluster, str(tmp_path), 2, "--ds.zero_stage", "3", "--algo.meds.num_workers", "2")
-    assert run.series("train/meds/memories") == [len(QUESTIONS)] * 2
-    state, _ = find_memory_state(os.path.join(run.folder, "ckpt"))
-    assert sum(len(v) for v in state["vectors"]) == run.series("train/meds/stored_vectors")[-1]
 
 
 def test_without_meds_the_run_is_upstream(ray_cluster, tmp_path):

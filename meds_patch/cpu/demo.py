@@ -111,9 +111,13 @@ class LocalRayCluster:
             "--temp-dir", self.temp_dir, "--num-gpus", str(num_gpus), *common,
             *[str(x) for item in head_ports.items() for x in item],
         ]]  # fmt: skip
-        for node in range(1, nodes):
+        # Each node has a temp dir of its own, as on separate machines: nodes sharing one session folder would each
+        # forward every worker's log lines to the driver, so the job's output would show them twice.
+        self.node_temp_dirs = [tempfile.mkdtemp(prefix=f"meds-ray-n{node}-", dir="/tmp") for node in range(1, nodes)]
+        for node, node_temp_dir in enumerate(self.node_temp_dirs, start=1):
             self.commands.append([
                 ray, "start", "--address", self.gcs_address, "--node-ip-address", self.node_ip(node),
+                "--temp-dir", node_temp_dir,
                 "--num-gpus", str(node_gpus), *common, *[str(x) for flag in node_flags for x in (flag, next(ports))],
             ])  # fmt: skip
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -203,7 +207,8 @@ class LocalRayCluster:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=5)  # reap the nodes' own ray start, our children
         self.processes = []
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for temp_dir in [self.temp_dir, *self.node_temp_dirs]:
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
     def __enter__(self):
         return self.start()
@@ -212,13 +217,14 @@ class LocalRayCluster:
         self.stop()
 
 
-def training_args(model: str, prompts: str, save: str, episodes: int, meds: bool = True) -> List[str]:
-    """The arguments of a tiny CPU run: one step per episode over the same questions, a checkpoint every step."""
+def training_args(model: str, prompts: str, save: str, episodes: int, meds: bool = True, nodes: int = 1) -> List[str]:
+    """The arguments of a tiny CPU run: one step per episode over the same questions, a checkpoint every step;
+    with ``nodes`` > 1, one policy rank per node and a memory sharded over that many actors."""
     args = [
         "--actor.model_name_or_path", model, "--reward.remote_url", REWARD_FUNC,
         "--data.prompt_dataset", prompts, "--data.input_key", "prompt", "--data.label_key", "label",
         "--data.max_len", "128", "--rollout.max_new_tokens", "40", "--data.max_samples", str(len(QUESTIONS)),
-        "--actor.num_nodes", "1", "--actor.num_gpus_per_node", "1",
+        "--actor.num_nodes", str(nodes), "--actor.num_gpus_per_node", "1",
         "--vllm.num_engines", "1", "--vllm.tensor_parallel_size", "1", "--vllm.gpu_memory_utilization", "0.5",
         # CPU: no CUDA graphs, gloo weight sync, plain attention (flash-attention 2 has no CPU kernel).
         "--vllm.enforce_eager", "--vllm.sync_backend", "gloo", "--ds.attn_implementation", "sdpa",
@@ -234,7 +240,20 @@ def training_args(model: str, prompts: str, save: str, episodes: int, meds: bool
     ]  # fmt: skip
     if meds:
         args += ["--meds", "--algo.meds.num_layers", "4"]
+        if nodes > 1:
+            args += ["--algo.meds.num_workers", str(nodes)]
     return args
+
+
+def actor_nodes(cluster: LocalRayCluster) -> Dict[str, List[str]]:
+    """{actor class: the node address of each of its actors}, from Ray's state API."""
+    from ray.util.state import list_actors, list_nodes
+
+    ips = {node.node_id: node.node_ip for node in list_nodes(address=cluster.address)}
+    placed: Dict[str, List[str]] = {}
+    for actor in list_actors(address=cluster.address, limit=1000):  # those that have ended too
+        placed.setdefault(actor.class_name, []).append(ips.get(actor.node_id, "?"))
+    return {name: sorted(where) for name, where in sorted(placed.items())}
 
 
 def submit(cluster: LocalRayCluster, args: Sequence[str], log_path: str, on_line: Callable[[str], None] = print):
@@ -280,9 +299,10 @@ class StepPrinter:
     SHOWN = ("penalty_mean", "penalty_max", "penalised_wrong_share", "stored_vectors", "clusters",
              "without_feature_share", "wrong_answers_distinct_per_question")  # fmt: skip
 
-    def __init__(self, tensorboard_dir: str):
+    def __init__(self, tensorboard_dir: str, cluster: Optional[LocalRayCluster] = None):
         # A resumed run appends to the same events: its earlier steps were printed by the earlier run.
         self.tensorboard_dir, self.printed, self.polled = tensorboard_dir, set(scalars(tensorboard_dir)), 0.0
+        self.cluster = cluster  # given: where the actors run is printed after the first step
 
     def __call__(self, line: str) -> None:
         if "MEDS" in line or "Error" in line:
@@ -299,9 +319,13 @@ class StepPrinter:
                     f"{k}={values['train/meds/' + k]:.3g}" for k in self.SHOWN if "train/meds/" + k in values
                 )
                 print(f"step {step}: reward={values.get('train/reward', float('nan')):.3f} {shown}", flush=True)
+                if self.cluster is not None:
+                    for name, where in actor_nodes(self.cluster).items():
+                        print(f"  {name}: {', '.join(where)}", flush=True)
+                    self.cluster = None
 
 
-def run_demo(steps: int = 6, save: Optional[str] = None, resume: Optional[str] = None) -> int:
+def run_demo(steps: int = 6, save: Optional[str] = None, resume: Optional[str] = None, nodes: int = 1) -> int:
     from meds_patch.cpu.tiny_math import prepared_model, write_prompts
 
     start = time.time()
@@ -313,7 +337,8 @@ def run_demo(steps: int = 6, save: Optional[str] = None, resume: Optional[str] =
             print(f"meds_patch demo: {save} holds no demo run to resume (no demo.json)", file=sys.stderr)
             return 2
         with open(state_file) as fh:
-            done = json.load(fh)["steps"]
+            state = json.load(fh)
+        done, nodes = state["steps"], state.get("nodes", 1)  # a run goes on with the ranks it was saved with
     elif os.path.exists(os.path.join(save, "ckpt")):
         print(f"meds_patch demo: {save} already holds a run: use --resume {save}, or another --save", file=sys.stderr)
         return 2
@@ -321,15 +346,18 @@ def run_demo(steps: int = 6, save: Optional[str] = None, resume: Optional[str] =
     print("preparing the tiny model (cached after the first time) ...", flush=True)
     model = prepared_model()
     prompts = write_prompts(os.path.join(save, "prompts.jsonl"), QUESTIONS)
-    args = training_args(model, prompts, save, episodes=done + steps)
-    cluster = LocalRayCluster(env=CPU_ENV)
-    print(f"starting a local Ray cluster (2 declared GPUs, temp dir {cluster.temp_dir}) ...", flush=True)
+    args = training_args(model, prompts, save, episodes=done + steps, nodes=nodes)
+    # The head's 2 GPUs take the vLLM engine and policy rank 0, each further node's 1 GPU one more rank: Ray places
+    # the engine first (its placement group is ready before the policy is created), so each node gets one rank.
+    cluster = LocalRayCluster(env=CPU_ENV, nodes=nodes, node_gpus=1)
+    print(f"starting a local Ray cluster of {nodes} node{'s' * (nodes > 1)} ({1 + nodes} declared GPUs, temp dir "
+          f"{cluster.temp_dir}) ...", flush=True)  # fmt: skip
     # SIGTERM ends the demo like Ctrl-C does: through the with-block, which stops the cluster.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     with cluster:
         print(f"submitting train_ppo_ray --meds ({'resuming at step ' + str(done + 1) if resume else 'new run'}); "
               f"job log: {save}/job.log", flush=True)  # fmt: skip
-        printer = StepPrinter(os.path.join(save, "tensorboard"))
+        printer = StepPrinter(os.path.join(save, "tensorboard"), cluster)
         code = submit(cluster, args, os.path.join(save, "job.log"), printer)
         printer.poll()
     if code != 0:
@@ -341,7 +369,7 @@ def run_demo(steps: int = 6, save: Optional[str] = None, resume: Optional[str] =
         )
         return 1
     with open(state_file, "w") as fh:
-        json.dump({"steps": done + steps}, fh)
+        json.dump({"steps": done + steps, "nodes": nodes}, fh)
     print(f"done in {time.time() - start:.0f} s: checkpoints in {save}/ckpt, TensorBoard events in {save}/tensorboard")
     print(f"continue with: python -m meds_patch demo --resume {save}")
     return 0

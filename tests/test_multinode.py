@@ -1,0 +1,97 @@
+"""Several data-parallel policy ranks over a Ray cluster of two nodes on this machine (the head at 127.0.0.1 with
+the vLLM engine and rank 0, a second node at 127.0.0.2 with rank 1), through ``ray job submit`` of upstream's
+``train_ppo_ray``. One ZeRO-3 run with a sharded memory serves the tests that read it."""
+
+import math
+import os
+
+import pytest
+import torch
+
+from meds_patch.core.features import find_answer_positions
+from meds_patch.cpu.demo import CPU_ENV, QUESTIONS, LocalRayCluster, actor_nodes
+from meds_patch.cpu.tiny_math import prepared_model
+from meds_patch.tools.report import find_memory_state
+from tests.test_e2e import train
+
+FEATURE_DUMP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "feature_dump")
+NUM_LAYERS = 4  # training_args' --algo.meds.num_layers, and all of the tiny model's blocks
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    # The test-only feature dump (tests/feature_dump/sitecustomize.py) is on in every process of this cluster.
+    env = {**CPU_ENV, "MEDS_TEST_FEATURE_DUMP": "1", "PYTHONPATH": FEATURE_DUMP}
+    with LocalRayCluster(env=env, nodes=2, node_gpus=1) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def zero3_run(two_nodes, tmp_path_factory):
+    run = train(two_nodes, str(tmp_path_factory.mktemp("zero3")), 2, "--ds.zero_stage", "3", nodes=2)
+    run.placement = actor_nodes(two_nodes)
+    return run
+
+
+def test_policy_ranks_and_memory_shards_run_on_both_nodes(zero3_run):
+    assert len(zero3_run.placement["PolicyModelActor"]) == 2
+    assert len(set(zero3_run.placement["PolicyModelActor"])) == 2
+    assert len(zero3_run.placement["MemoryShard"]) == 2 and len(set(zero3_run.placement["MemoryShard"])) == 2
+
+
+def test_two_ranks_under_zero3_penalise_recurring_wrong_answers(zero3_run):
+    penalties = zero3_run.series("train/meds/penalty_mean")
+    assert penalties[0] == 0.0 and penalties[1] > 0  # every question's second visit has a history
+    assert zero3_run.series("train/meds/memories") == [len(QUESTIONS)] * 2
+
+
+def test_two_ranks_save_the_memory_once_in_the_checkpoint(zero3_run):
+    state, _ = find_memory_state(os.path.join(zero3_run.folder, "ckpt"))
+    assert len(state["keys"]) == len(set(state["keys"])) == len(QUESTIONS)
+    assert sum(len(v) for v in state["vectors"]) == zero3_run.series("train/meds/stored_vectors")[-1]
+
+
+def features_from_the_model(model, tokenizer, row) -> torch.Tensor:
+    """The layer logits of each row at its answer token, recomputed from the row's tokens alone through the model's
+    own ``output_hidden_states`` (not MEDS's hooks): the last K hidden states (the last one normed, as the model
+    returns it) read through the LM head at the answer position, for the token after it."""
+    sequences, attention_mask, action_mask = row["sequences"], row["attention_mask"], row["action_mask"]
+    batch, length = sequences.shape
+    response_start = torch.where(
+        action_mask.any(1), action_mask.long().argmax(1) + length - action_mask.shape[1], length
+    )
+    positions = find_answer_positions(sequences, response_start, tokenizer, attention_mask=attention_mask)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # as upstream's Actor
+    with torch.no_grad():
+        hidden = model(sequences, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True)
+    rows, at = torch.arange(batch), positions.clamp(min=0)
+    logits = torch.stack([model.lm_head(h[rows, at]) for h in hidden.hidden_states[-NUM_LAYERS:]], 1)  # (B, K, V)
+    target = sequences[rows, (at + 1).clamp(max=length - 1)]
+    values = logits.gather(-1, target.view(-1, 1, 1).expand(-1, NUM_LAYERS, 1)).squeeze(-1).float()
+    return values.masked_fill((positions < 0).view(-1, 1), math.nan)
+
+
+def test_every_feature_is_its_own_rollouts(zero3_run):
+    # Step 1's experience forward used the initial weights: the prepared model, recomputed here outside the run.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(prepared_model(), dtype=torch.bfloat16, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(prepared_model())
+    dumped = torch.load(os.path.join(zero3_run.folder, "feature-dump.pt"))
+    assert len(dumped) >= 2  # each rank's share of the step arrived as its own Experiences
+    stored, recomputed = [], []
+    for row in dumped:
+        lengths = row["attention_mask"].sum(1)
+        assert len(set(lengths.tolist())) > 1  # rows of different lengths within one share
+        stored.append(row["features"])
+        recomputed.append(features_from_the_model(model, tokenizer, row))
+    stored, recomputed = torch.cat(stored), torch.cat(recomputed)
+    assert stored.shape == (len(QUESTIONS) * 8, NUM_LAYERS) and (~stored.isnan().any(1)).sum() >= len(stored) // 2
+    torch.testing.assert_close(stored, recomputed, rtol=0.02, atol=0.1, equal_nan=True)  # bf16
+    # The comparison can tell rows apart: two rows with different features, swapped, disagree.
+    valid = (~stored.isnan().any(1)).nonzero().flatten()
+    i, j = next((i, j) for i in valid.tolist() for j in valid.tolist() if (stored[i] - stored[j]).abs().max() > 1)
+    order = torch.arange(len(stored))
+    order[i], order[j] = j, i
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(stored[order], recomputed, rtol=0.02, atol=0.1, equal_nan=True)
