@@ -95,3 +95,10 @@ def test_every_feature_is_its_own_rollouts(zero3_run):
     order[i], order[j] = j, i
     with pytest.raises(AssertionError):
         torch.testing.assert_close(stored[order], recomputed, rtol=0.02, atol=0.1, equal_nan=True)
+
+
+def test_a_node_without_the_import_hook_stops_the_run_at_the_first_step_naming_it(tmp_path):
+    with LocalRayCluster(env=CPU_ENV, nodes=2, node_gpus=1, node_env={"MEDS_PATCH_DISABLE": "1"}) as cluster:
+        run = train(cluster, str(tmp_path), 2, nodes=2, succeed=False)
+    assert "MEDS: the meds_patch import hook on node(s) 127.0.0.2 is not active" in run.log
+    assert not run.scalars("train/")  # no step was logged

@@ -143,7 +143,7 @@ def test_log_probs_without_features_say_the_hook_is_missing_on_that_node():
     from meds_patch.integration.glue import attach_features
 
     samples = [SimpleNamespace(), SimpleNamespace()]
-    with pytest.raises(RuntimeError, match="import hook is not active"):
+    with pytest.raises(RuntimeError, match="import hook on its node is not active"):
         attach_features(samples, [torch.zeros(2, 5), torch.zeros(2, 5)])  # B = 2 would unpack as a pair
 
 

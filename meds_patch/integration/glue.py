@@ -154,6 +154,48 @@ def validate_arguments(args) -> None:
         logger.warning("MEDS: --ckpt.disable_ds saves no checkpoint state, so the error memory is lost on restart")
 
 
+HOOK_MISSING = (
+    "is not active in the Python environment Ray uses there: install openrlhf-meds on every node (after an "
+    "editable install, run `python -m meds_patch install-hook`)"
+)
+nodes_checked = False  # whether this process has checked every node for the import hook
+
+
+def require_hook_on_every_node() -> None:
+    """Raise, naming them, when nodes of the Ray cluster lack the import hook (once per process; no-op outside Ray).
+
+    Called by every MEDS process on its first step: a node without the hook runs upstream's code unchanged, so a
+    controller placed there would ignore MEDS, and a policy rank there would return log-probs without features.
+    """
+    global nodes_checked
+    import ray
+
+    if nodes_checked or not ray.is_initialized():
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def hook_active() -> bool:  # defined here so Ray ships it by value: a node may lack meds_patch altogether
+        import sys
+
+        return any(type(f).__module__ == "meds_patch.integration.hook" for f in sys.meta_path)
+
+    probe = ray.remote(num_cpus=0)(hook_active)
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote()
+            for node in nodes]  # fmt: skip
+    missing = []
+    for node, ref in zip(nodes, refs):
+        try:
+            active = ray.get(ref, timeout=300)
+        except ray.exceptions.RayError:
+            active = False
+        if not active:
+            missing.append(node["NodeManagerAddress"])
+    if missing:
+        raise RuntimeError(f"MEDS: the meds_patch import hook on node(s) {', '.join(missing)} {HOOK_MISSING}")
+    nodes_checked = True
+
+
 # ── Actor ranks: features from the experience forward ──
 
 
@@ -166,6 +208,7 @@ def start_capture(policy, sequences: torch.Tensor, attention_mask: torch.Tensor,
     args = policy.strategy.args
     if not enabled(args):
         return None
+    require_hook_on_every_node()
     stale = getattr(policy, "meds_capture", None)
     if stale is not None:  # left behind by a forward that raised
         stale.hidden.__exit__(None, None, None)
@@ -227,13 +270,13 @@ def finish_capture(policy, capture: ForwardCapture) -> torch.Tensor:
 
 def attach_features(samples_list: List, results: List) -> List[torch.Tensor]:
     """Split the actor's (log-probs, features) results; the features ride on each Experience (not in info)."""
+    require_hook_on_every_node()
     log_probs = []
     for samples, result in zip(samples_list, results):
         if not (isinstance(result, tuple) and len(result) == 2):
             raise RuntimeError(
-                "MEDS: an actor rank returned log-probs without features, so the meds_patch import hook is not "
-                "active in the Python environment Ray uses on that node: install openrlhf-meds there (after an "
-                "editable install, run `python -m meds_patch install-hook`)"
+                f"MEDS: an actor rank returned log-probs without features: the meds_patch import hook on its node "
+                f"{HOOK_MISSING}"
             )
         samples.meds = RolloutValues(features=result[1])
         log_probs.append(result[0])
