@@ -86,6 +86,8 @@ def test_an_interrupted_demo_stops_its_cluster(tmp_path, stop):
     demo.communicate(timeout=120)
     assert temp_dir and not os.path.exists(temp_dir)
     assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and temp_dir in cmdline(pid)]
+    # the job's driver too (Ray's job manager starts it in a session of its own): its arguments name the run folder
+    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and str(tmp_path) in cmdline(pid)]
 
 
 def cmdline(pid: str) -> str:

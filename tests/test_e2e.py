@@ -3,6 +3,7 @@ vLLM rollouts, the math reward function, DeepSpeed steps, weight sync and checkp
 and the prepared tiny model. Each run costs about a minute, so one run serves the tests that read it."""
 
 import os
+import time
 
 import pytest
 
@@ -101,6 +102,15 @@ def test_async_trainer_applies_meds(ray_cluster, tmp_path):
     run = train(ray_cluster, str(tmp_path), 2, "--train.async_enable")
     assert len(run.series("train/meds/penalty_mean")) == 2
     assert run.series("train/meds/stored_vectors")[-1] > 0
+
+
+def test_an_actor_that_dies_while_starting_ends_the_run_with_its_error(ray_cluster, tmp_path):
+    # Upstream's driver waits on without hearing of it; the harness stops the job (it was silent 12 min before).
+    started = time.time()
+    run = train(ray_cluster, str(tmp_path), 2, "--reward.remote_url", str(tmp_path / "missing.py"), succeed=False)
+    assert time.time() - started < 240  # not a hang
+    assert "the job was stopped: RolloutRayActor" in run.log and "died while starting" in run.log
+    assert f"No such file or directory: '{tmp_path / 'missing.py'}'" in run.log.rsplit("the job was stopped", 1)[1]
 
 
 def test_without_meds_the_run_is_upstream(ray_cluster, tmp_path):

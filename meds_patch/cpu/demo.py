@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -256,17 +257,43 @@ def actor_nodes(cluster: LocalRayCluster) -> Dict[str, List[str]]:
     return {name: sorted(where) for name, where in sorted(placed.items())}
 
 
+def stop_on_a_failed_start(cluster: LocalRayCluster, submission_id: str, done: threading.Event, found: List[str]):
+    """Every 10 s until ``done``: when an actor's creation task has failed, put its error in ``found`` and stop the
+    job. Upstream's driver does not hear of it: it waits for actors that wait for the dead one (a vLLM engine that
+    could not load its reward function left the job silent for over 12 minutes)."""
+    from ray.util.state import list_actors
+
+    while not done.wait(10):
+        try:
+            dead = list_actors(address=cluster.address, filters=[("state", "=", "DEAD")], detail=True, limit=1000)
+        except Exception:  # the state API can be slow to answer on a busy machine: ask again next time
+            continue
+        for actor in dead:
+            failure = (actor.death_cause or {}).get("creation_task_failure_context")
+            if failure:
+                error = failure.get("formatted_exception_string", "").strip() or json.dumps(failure)[:2000]
+                found.append(f"{actor.class_name} (pid {actor.pid}) died while starting:\n{error}")
+                ray = os.path.join(os.path.dirname(sys.executable), "ray")
+                stop = [ray, "job", "stop", "--address", cluster.address, "--no-wait", submission_id]
+                subprocess.run(stop, env=cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                return
+
+
 def submit(cluster: LocalRayCluster, args: Sequence[str], log_path: str, on_line: Callable[[str], None] = print):
     """``ray job submit -- python -m openrlhf.cli.train_ppo_ray ARGS``; the job's output goes to ``log_path`` and
-    each line to ``on_line``. Returns the exit code of ``ray job submit`` (non-zero when the job failed)."""
+    each line to ``on_line``. Returns the exit code of ``ray job submit`` (non-zero when the job failed). An actor
+    that dies while starting stops the job, and its error ends the output."""
+    submission_id = f"meds-{uuid.uuid4().hex[:8]}"
     command = [
         os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", cluster.address,
-        "--submission-id", f"meds-{uuid.uuid4().hex[:8]}", "--",
-        sys.executable, "-m", "openrlhf.cli.train_ppo_ray", *args,
+        "--submission-id", submission_id, "--", sys.executable, "-m", "openrlhf.cli.train_ppo_ray", *args,
     ]  # fmt: skip
+    done, failed_starts = threading.Event(), []
+    watch = threading.Thread(target=stop_on_a_failed_start, args=(cluster, submission_id, done, failed_starts))
     with open(log_path, "a") as log, subprocess.Popen(
         command, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
     ) as job:
+        watch.start()
         try:
             for line in job.stdout:
                 log.write(line)
@@ -274,7 +301,14 @@ def submit(cluster: LocalRayCluster, args: Sequence[str], log_path: str, on_line
         except BaseException:
             job.terminate()  # the job itself dies with the cluster
             raise
-    return job.returncode
+        finally:
+            done.set()
+            watch.join()
+        for failure in failed_starts:
+            for line in f"meds_patch demo: the job was stopped: {failure}".splitlines():
+                log.write(line + "\n")
+                on_line(line)
+    return job.returncode or (1 if failed_starts else 0)
 
 
 def scalars(tensorboard_dir: str, prefix: str = "") -> Dict[int, Dict[str, float]]:
