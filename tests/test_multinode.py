@@ -4,13 +4,15 @@ the vLLM engine and rank 0, a second node at 127.0.0.2 with rank 1), through ``r
 
 import math
 import os
+import threading
+import time
 
 import pytest
 import torch
 
 from meds_patch.core.features import find_answer_positions
-from meds_patch.cpu.demo import CPU_ENV, QUESTIONS, LocalRayCluster, actor_nodes
-from meds_patch.cpu.tiny_math import prepared_model
+from meds_patch.cpu.demo import CPU_ENV, QUESTIONS, LocalRayCluster, actor_nodes, scalars, submit, training_args
+from meds_patch.cpu.tiny_math import prepared_model, write_prompts
 from meds_patch.tools.report import find_memory_state
 from tests.test_e2e import train
 
@@ -102,3 +104,33 @@ def test_a_node_without_the_import_hook_stops_the_run_at_the_first_step_naming_i
         run = train(cluster, str(tmp_path), 2, nodes=2, succeed=False)
     assert "MEDS: the meds_patch import hook on node(s) 127.0.0.2 is not active" in run.log
     assert not run.scalars("train/")  # no step was logged
+
+
+def test_a_node_lost_mid_run_ends_the_job_and_a_resubmission_continues_from_the_last_checkpoint(tmp_path):
+    folder = str(tmp_path)
+    killed = []
+
+    def kill_node_after_the_second_step(cluster, line):
+        # Step 2 is logged, then checkpointed: the node dies while the run saves it or starts step 3.
+        if not killed and 2 in scalars(os.path.join(folder, "tensorboard"), "train/reward"):
+            cluster.kill_node(1)
+            killed.append(time.time())
+
+    with LocalRayCluster(env=CPU_ENV, nodes=2, node_gpus=1) as cluster:
+        prompts = write_prompts(os.path.join(folder, "prompts.jsonl"), QUESTIONS)
+        args = training_args(prepared_model(), prompts, folder, 6, nodes=2)
+        lines = []
+        job = threading.Thread(target=lambda: lines.append(submit(
+            cluster, args, os.path.join(folder, "job.log"), lambda line: kill_node_after_the_second_step(cluster, line)
+        )))  # fmt: skip
+        job.start()
+        job.join(timeout=900)
+        assert killed and not job.is_alive(), "the job did not end within 15 min"
+        assert lines[0] != 0  # the job failed
+        print(f"the job ended {time.time() - killed[0]:.0f} s after the node was lost")
+    saved, _ = find_memory_state(os.path.join(folder, "ckpt"))  # the latest checkpoint is whole: it loads
+    saved_vectors = sum(len(v) for v in saved["vectors"])
+    with LocalRayCluster(env=CPU_ENV, nodes=2, node_gpus=1) as cluster:
+        resumed = train(cluster, folder, 4, nodes=2)
+    assert f"MEDS: restored {{'memories': {len(QUESTIONS)}, 'vectors': {saved_vectors}," in resumed.log
+    assert max(resumed.scalars("train/reward")) == 4
