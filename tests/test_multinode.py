@@ -4,6 +4,8 @@ the vLLM engine and rank 0, a second node at 127.0.0.2 with rank 1), through ``r
 
 import math
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -134,3 +136,23 @@ def test_a_node_lost_mid_run_ends_the_job_and_a_resubmission_continues_from_the_
         resumed = train(cluster, folder, 4, nodes=2)
     assert f"MEDS: restored {{'memories': {len(QUESTIONS)}, 'vectors': {saved_vectors}," in resumed.log
     assert max(resumed.scalars("train/reward")) == 4
+
+
+def test_the_demo_on_two_nodes_trains_and_resumes(tmp_path):
+    def demo(*args):
+        done = subprocess.run([sys.executable, "-m", "meds_patch", "demo", *args], capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    printed = demo("--nodes", "2", "--steps", "2", "--save", str(tmp_path))
+    ranks = next(line for line in printed.splitlines() if line.strip().startswith("PolicyModelActor:"))
+    assert len(set(ranks.split(":", 1)[1].split(","))) == 2  # one rank on each node
+    penalties = scalars(os.path.join(tmp_path, "tensorboard"), "train/meds/penalty_mean")
+    assert penalties[2]["train/meds/penalty_mean"] > 0
+    saved, _ = find_memory_state(os.path.join(tmp_path, "ckpt"))
+    resumed = demo("--resume", str(tmp_path), "--steps", "1")
+    assert (
+        f"MEDS: restored {{'memories': {len(QUESTIONS)}, 'vectors': {sum(len(v) for v in saved['vectors'])},"
+        in resumed
+    )
+    assert "step 3:" in resumed
