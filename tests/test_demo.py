@@ -83,7 +83,9 @@ def test_an_interrupted_demo_stops_its_cluster(tmp_path, stop):
         if line.startswith("submitting"):
             break
     os.killpg(demo.pid, stop)  # a terminal's Ctrl-C reaches the whole foreground group
+    stopped = time.time()
     demo.communicate(timeout=120)
+    assert time.time() - stopped < 60  # it returns once the cluster is stopped (SIGKILL 10 s after SIGTERM)
     assert temp_dir and not os.path.exists(temp_dir)
     assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and temp_dir in cmdline(pid)]
     # the job's driver too (Ray's job manager starts it in a session of its own): its arguments name the run folder

@@ -195,9 +195,9 @@ class LocalRayCluster:
         self.processes[node].wait()
 
     def stop(self) -> None:
-        """SIGTERM to every process the nodes started, SIGKILL to what is left after 20 s; then the temp dir."""
+        """SIGTERM to every process the nodes started, SIGKILL to what is left after 10 s; then the temp dirs."""
         pids = self.own_processes()
-        for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
@@ -261,11 +261,18 @@ def stop_on_a_failed_start(cluster: LocalRayCluster, submission_id: str, done: t
     """Every 10 s until ``done``: when an actor's creation task has failed, put its error in ``found`` and stop the
     job. Upstream's driver does not hear of it: it waits for actors that wait for the dead one (a vLLM engine that
     could not load its reward function left the job silent for over 12 minutes)."""
-    from ray.util.state import list_actors
-
+    job_id = None  # Ray's id of the job, known once its driver runs; actors of earlier jobs are not this one's
     while not done.wait(10):
+        from ray.util.state import list_actors, list_jobs  # once a job runs: ray takes seconds to import
+
         try:
-            dead = list_actors(address=cluster.address, filters=[("state", "=", "DEAD")], detail=True, limit=1000)
+            if job_id is None:
+                jobs = list_jobs(address=cluster.address, filters=[("submission_id", "=", submission_id)], timeout=10)
+                job_id = jobs[0].job_id if jobs else None
+                if job_id is None:
+                    continue
+            filters = [("state", "=", "DEAD"), ("job_id", "=", job_id)]
+            dead = list_actors(address=cluster.address, filters=filters, detail=True, limit=1000, timeout=10)
         except Exception:  # the state API can be slow to answer on a busy machine: ask again next time
             continue
         for actor in dead:
@@ -289,7 +296,9 @@ def submit(cluster: LocalRayCluster, args: Sequence[str], log_path: str, on_line
         "--submission-id", submission_id, "--", sys.executable, "-m", "openrlhf.cli.train_ppo_ray", *args,
     ]  # fmt: skip
     done, failed_starts = threading.Event(), []
-    watch = threading.Thread(target=stop_on_a_failed_start, args=(cluster, submission_id, done, failed_starts))
+    watch = threading.Thread(
+        target=stop_on_a_failed_start, args=(cluster, submission_id, done, failed_starts), daemon=True
+    )
     with open(log_path, "a") as log, subprocess.Popen(
         command, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
     ) as job:
@@ -298,12 +307,12 @@ def submit(cluster: LocalRayCluster, args: Sequence[str], log_path: str, on_line
             for line in job.stdout:
                 log.write(line)
                 on_line(line.rstrip("\n"))
-        except BaseException:
-            job.terminate()  # the job itself dies with the cluster
-            raise
-        finally:
+        except BaseException:  # Ctrl-C: return at once; the job itself dies with the cluster
             done.set()
-            watch.join()
+            job.kill()
+            raise
+        done.set()
+        watch.join()
         for failure in failed_starts:
             for line in f"meds_patch demo: the job was stopped: {failure}".splitlines():
                 log.write(line + "\n")
