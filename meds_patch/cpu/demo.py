@@ -1,11 +1,13 @@
 """``python -m meds_patch demo``: upstream's real ``train_ppo_ray --meds`` on a CPU machine, as a Ray job.
 
-It starts a Ray head of its own (free ports, its own temp dir, two declared GPUs: one for the policy actor, one
-for the vLLM engine), prepares the tiny fine-tuned model and a few arithmetic questions that repeat every step,
-and submits ``python -m openrlhf.cli.train_ppo_ray --meds ...`` with ``ray job submit``: vLLM rollouts, the math
-reward function, DeepSpeed steps, weight sync and checkpoints, with the CPU backend (``cpu_backend``) adapting the
-few CUDA-only calls. Each step's ``train/meds/*`` values are printed as TensorBoard receives them. The cluster is
-stopped on exit, error or Ctrl-C, by the process group of the ``ray start`` it launched, and nothing else.
+It starts a Ray cluster of its own (free ports, its own temp dirs; a head with two declared GPUs, one for policy
+rank 0 and one for the vLLM engine, and with ``--nodes N`` N - 1 more nodes at 127.0.0.2, ... with one GPU each, for
+the other ranks), prepares the tiny fine-tuned model and a few arithmetic questions that repeat every step, and
+submits ``python -m openrlhf.cli.train_ppo_ray --meds ...`` with ``ray job submit``: vLLM rollouts, the math reward
+function, DeepSpeed steps, weight sync and checkpoints, with the CPU backend (``cpu_backend``) adapting the few
+CUDA-only calls. Each step's ``train/meds/*`` values are printed as TensorBoard receives them. The cluster is
+stopped on exit, error, Ctrl-C or SIGTERM: every process its ``ray start`` commands started, the job's driver
+included, and nothing else.
 """
 
 import contextlib
