@@ -23,7 +23,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 import meds_patch.tools
 
@@ -54,6 +54,15 @@ def zombie(pid: int) -> bool:
             return fh.read().rpartition(")")[2].split()[0] == "Z"
     except OSError:
         return False
+
+
+def start_time(pid: int) -> Optional[int]:
+    """When the process started (clock ticks since boot), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rpartition(")")[2].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def process_tree(roots: Sequence[int]) -> List[int]:
@@ -198,13 +207,25 @@ class LocalRayCluster:
 
     def stop(self) -> None:
         """SIGTERM to every process the nodes started, SIGKILL to what is left after 10 s; then the temp dirs."""
-        pids = self.own_processes()
+        # The tree is read again as the processes go: one may start another meanwhile (the job manager its driver).
+        # What was found stays a root, so a child that outlives its parent is still found; a root whose start time
+        # changed is another process that got a pid of ours (pids wrap at 32768 here).
+        started = {pid: start_time(pid) for pid in self.own_processes()}
+
+        def ours() -> Set[int]:  # alive (a zombie too), and not a pid reused since
+            return {pid for pid, t in started.items() if t is not None and start_time(pid) == t}
+
         for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.time() + grace
-            while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") and not zombie(pid) for pid in pids):
+            signalled, deadline = set(), time.time() + grace
+            while True:
+                for pid in process_tree([process.pid for process in self.processes] + sorted(ours())):
+                    started.setdefault(pid, start_time(pid))
+                for pid in ours() - signalled:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sig)
+                    signalled.add(pid)
+                if time.time() > deadline or all(zombie(pid) for pid in ours()):
+                    break
                 time.sleep(0.2)
         for process in self.processes:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -397,13 +418,28 @@ def run_demo(steps: int = 6, save: Optional[str] = None, resume: Optional[str] =
     cluster = LocalRayCluster(env=CPU_ENV, nodes=nodes, node_gpus=1)
     print(f"starting a local Ray cluster of {nodes} node{'s' * (nodes > 1)} ({1 + nodes} declared GPUs, temp dir "
           f"{cluster.temp_dir}) ...", flush=True)  # fmt: skip
-    # SIGTERM ends the demo like Ctrl-C does: through the with-block, which stops the cluster.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    # Ctrl-C and SIGTERM end the demo through the with-block, which stops the cluster. A signal can land in library
+    # code that swallows the exception (a bare ``except:`` around an import): it is raised again at each job line.
+    signals = []
+
+    def stop_on(signum, frame):
+        signals.append(signum)
+        raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+
+    def on_line(line):
+        if signals:
+            stop_on(signals[0], None)
+        printer(line)
+
+    signal.signal(signal.SIGINT, stop_on)
+    signal.signal(signal.SIGTERM, stop_on)
     with cluster:
         print(f"submitting train_ppo_ray --meds ({'resuming at step ' + str(done + 1) if resume else 'new run'}); "
               f"job log: {save}/job.log", flush=True)  # fmt: skip
         printer = StepPrinter(os.path.join(save, "tensorboard"), cluster)
-        code = submit(cluster, args, os.path.join(save, "job.log"), printer)
+        code = submit(cluster, args, os.path.join(save, "job.log"), on_line)
+        if signals:  # the last line came before the signal was raised again
+            stop_on(signals[0], None)
         printer.poll()
     if code != 0:
         with open(os.path.join(save, "job.log"), errors="replace") as fh:
