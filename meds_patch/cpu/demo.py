@@ -128,7 +128,7 @@ class LocalRayCluster:
         self.node_temp_dirs = [tempfile.mkdtemp(prefix=f"meds-ray-n{node}-", dir="/tmp") for node in range(1, nodes)]
         for node, node_temp_dir in enumerate(self.node_temp_dirs, start=1):
             self.commands.append([
-                ray, "start", "--address", self.gcs_address, "--node-ip-address", self.node_ip(node),
+                ray, "start", "--address", self.gcs_address, "--node-ip-address", f"127.0.0.{node + 1}",
                 "--temp-dir", node_temp_dir,
                 "--num-gpus", str(node_gpus), *common, *[str(x) for flag in node_flags for x in (flag, next(ports))],
             ])  # fmt: skip
@@ -138,10 +138,6 @@ class LocalRayCluster:
         self.env.update(env or {})
         self.node_env = {**self.env, **(node_env or {})}  # the worker nodes' (e.g. one without the import hook)
         self.processes: List[subprocess.Popen] = []
-
-    @staticmethod
-    def node_ip(node: int) -> str:
-        return f"127.0.0.{node + 1}"
 
     @property
     def address(self) -> str:
