@@ -68,19 +68,20 @@ def start_time(pid: int) -> Optional[int]:
 def process_tree(roots: Sequence[int]) -> List[int]:
     """The live processes below ``roots`` (roots included), and every process of the sessions they lead: a process
     that forked itself away from its parent (a daemon, a pool server) stays in its session."""
-    parents, sessions = {}, {}
+    children, sessions = {}, {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{entry}/stat") as fh:
                 fields = fh.read().rpartition(")")[2].split()
         except OSError:
             continue
-        parents[int(entry)], sessions[int(entry)] = int(fields[1]), int(fields[3])
-    found, todo = set(), [pid for pid in roots if pid in parents]
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        sessions[int(entry)] = int(fields[3])
+    found, todo = set(), [pid for pid in roots if pid in sessions]
     while todo:
         pid = todo.pop()
         found.add(pid)
-        todo.extend(child for child, parent in parents.items() if parent == pid and child not in found)
+        todo.extend(child for child in children.get(pid, []) if child not in found)
     # Sessions led by a root or a process below one (a session outlives its leader: a root may be gone)
     own_sessions = set(roots) | {sessions[pid] for pid in found if sessions[pid] in found}
     return sorted(found | {pid for pid, session in sessions.items() if session in own_sessions})
