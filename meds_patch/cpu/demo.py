@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import urllib.request
 import uuid
 from typing import Callable, Dict, List, Optional, Sequence, Set
@@ -161,7 +162,7 @@ class LocalRayCluster:
                         command, env=self.env if node == 0 else self.node_env, stdout=log, stderr=subprocess.STDOUT,
                         start_new_session=True,
                     ))  # fmt: skip
-                while self._alive_nodes() <= node:
+                while self.alive_nodes() <= node:
                     for i, process in enumerate(self.processes):
                         if process.poll() is not None:
                             raise RuntimeError(f"ray start of node {i} exited with {process.returncode}: "
@@ -174,7 +175,7 @@ class LocalRayCluster:
             self.stop()
             raise
 
-    def _alive_nodes(self) -> int:
+    def alive_nodes(self) -> int:
         """Live nodes as the job API reports them (0 while it does not answer yet)."""
         try:
             with urllib.request.urlopen(f"{self.address}/nodes?view=summary", timeout=5) as answer:
@@ -388,7 +389,16 @@ class StepPrinter:
                     self.cluster = None
 
 
-def run_demo(steps: int = 6, save: Optional[str] = None, resume: Optional[str] = None, nodes: int = 1) -> int:
+def run_demo(
+    steps: int = 6,
+    save: Optional[str] = None,
+    resume: Optional[str] = None,
+    nodes: int = 1,
+    address: Optional[str] = None,
+    alpha: Optional[float] = None,
+) -> int:
+    """Train the tiny model for ``steps`` through ``ray job submit``, on a local Ray cluster of ``nodes`` started
+    and stopped here, or on the running cluster whose job API is ``address`` (the CPU recipe under Slurm)."""
     from meds_patch.cpu.tiny_math import prepared_model, write_prompts
 
     start = time.time()
@@ -410,11 +420,16 @@ def run_demo(steps: int = 6, save: Optional[str] = None, resume: Optional[str] =
     model = prepared_model()
     prompts = write_prompts(os.path.join(save, "prompts.jsonl"), QUESTIONS)
     args = training_args(model, prompts, save, episodes=done + steps, nodes=nodes)
-    # The head's 2 GPUs take the vLLM engine and policy rank 0, each further node's 1 GPU one more rank: Ray places
-    # the engine first (its placement group is ready before the policy is created), so each node gets one rank.
-    cluster = LocalRayCluster(env=CPU_ENV, nodes=nodes, node_gpus=1)
-    print(f"starting a local Ray cluster of {nodes} node{'s' * (nodes > 1)} ({1 + nodes} declared GPUs, temp dir "
-          f"{cluster.temp_dir}) ...", flush=True)  # fmt: skip
+    if alpha is not None:
+        args += ["--algo.meds.alpha", str(alpha)]
+    if address is None:
+        # The head's 2 GPUs take the vLLM engine and policy rank 0, each further node's 1 GPU one more rank: Ray
+        # places the engine first (its placement group is ready before the policy is created), so each node gets one.
+        cluster = LocalRayCluster(env=CPU_ENV, nodes=nodes, node_gpus=1)
+        print(f"starting a local Ray cluster of {nodes} node{'s' * (nodes > 1)} ({1 + nodes} declared GPUs, temp "
+              f"dir {cluster.temp_dir}) ...", flush=True)  # fmt: skip
+    else:  # someone else's cluster: used as it is, and left running
+        cluster = contextlib.nullcontext(types.SimpleNamespace(address=address, env=dict(os.environ)))
     # Ctrl-C and SIGTERM end the demo through the with-block, which stops the cluster. A signal can land in library
     # code that swallows the exception (a bare ``except:`` around an import): it is raised again at each job line.
     signals = []
@@ -430,7 +445,7 @@ def run_demo(steps: int = 6, save: Optional[str] = None, resume: Optional[str] =
 
     signal.signal(signal.SIGINT, stop_on)
     signal.signal(signal.SIGTERM, stop_on)
-    with cluster:
+    with cluster as cluster:
         print(f"submitting train_ppo_ray --meds ({'resuming at step ' + str(done + 1) if resume else 'new run'}); "
               f"job log: {save}/job.log", flush=True)  # fmt: skip
         printer = StepPrinter(os.path.join(save, "tensorboard"), cluster)

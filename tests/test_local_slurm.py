@@ -1,0 +1,167 @@
+"""examples/scripts/train_meds_ray_slurm.sh, unchanged, under a real Slurm: ``scripts/local_slurm.sh start 2``
+runs slurmctld and two slurmd nodes on this machine (n1 at 10.77.0.1 and n2 at 10.77.0.2, each in network, UTS,
+mount and PID namespaces of its own) and every test submits the launcher with ``sbatch``. A Ray cluster started on
+the host beforehand must outlive them all: ``ray stop``, which the launcher runs on every node, must not reach it.
+
+One full training run; the failure, cancellation and time-limit tests submit a short recipe that fails, or waits
+until it is stopped, once Ray runs on both nodes: what they test is the launcher."""
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from meds_patch.cpu.demo import CPU_ENV, LocalRayCluster, start_time, zombie
+from meds_patch.tools.report import find_memory_state
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = ROOT / "examples" / "scripts" / "train_meds_ray_slurm.sh"
+LOCAL_SLURM = ROOT / "scripts" / "local_slurm.sh"
+STATE = Path("/var/lib/meds-local-slurm")  # local_slurm.sh's default LOCAL_SLURM_DIR
+NODE_ADDRESSES = ("10.77.0.1", "10.77.0.2")
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a local Slurm needs root (namespaces, slurmd)")
+
+# A recipe for the launcher tests: Ray runs on both nodes when symmetric-run starts it on the head.
+WAITING_RECIPE = """#!/usr/bin/env bash
+env -u RAY_ADDRESS python3 -c "import ray; ray.init(address='auto'); print('recipe: Ray nodes', sum(n['Alive'] for n in ray.nodes()))"
+touch "$RECIPE_STARTED"
+{action}
+"""
+
+
+@pytest.fixture(scope="module")
+def bystander():
+    """A Ray cluster on the host, as another user's or the suite's own would be; its processes, by start time."""
+    with LocalRayCluster(env=CPU_ENV) as cluster:
+        yield cluster, {pid: start_time(pid) for pid in cluster.own_processes()}
+
+
+@pytest.fixture(scope="module")
+def slurm(bystander):
+    subprocess.run(["bash", str(LOCAL_SLURM), "start", "2"], check=True, timeout=600)
+    try:
+        yield
+    finally:
+        subprocess.run(["bash", str(LOCAL_SLURM), "stop"], check=True, timeout=300)
+
+
+def node_processes() -> dict:
+    """{PID namespace of a node: the command lines of its processes but those local_slurm.sh started}."""
+    namespaces = (STATE / "pid-namespaces").read_text().split()
+    daemons = {line.split()[0] for line in (STATE / "pids").read_text().splitlines()}
+    found = {ns: [] for ns in namespaces}
+    for proc in Path("/proc").iterdir():
+        try:
+            ns = os.readlink(proc / "ns" / "pid")
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:
+            continue
+        if ns in found and proc.name not in daemons and not zombie(int(proc.name)):
+            found[ns].append(command)
+    return found
+
+
+def wait_until_empty(timeout: float = 60) -> dict:
+    deadline = time.time() + timeout
+    while any(node_processes().values()) and time.time() < deadline:
+        time.sleep(1)
+    return node_processes()
+
+
+def sbatch(tmp_path, *options, recipe=None, wait=True, **env):
+    """Submit the launcher from the repository root with the CPU .venv; returns (sbatch's process, output file).
+    ``recipe``: the text of a recipe to run instead of the CPU recipe (a copy of the repository's scripts folder
+    holds it, as REPO_DIR)."""
+    environment = {**os.environ, "MEDS_CPU": "1", "ENV_SETUP": f"source {ROOT}/.venv/bin/activate", **env}
+    if recipe is not None:
+        repo = tmp_path / "repo"
+        (repo / "examples" / "scripts").mkdir(parents=True)
+        (repo / "examples" / "scripts" / "recipe.sh").write_text(recipe)
+        environment.update(REPO_DIR=str(repo), RECIPE="recipe.sh", RECIPE_STARTED=str(tmp_path / "started"))
+    output = tmp_path / "slurm.out"
+    command = ["sbatch", "--parsable", f"--output={output}", *(["--wait"] if wait else []), *options, str(LAUNCHER)]
+    job = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, text=True)
+    return job, output
+
+
+def job_id(job) -> str:
+    return job.stdout.readline().strip().split(";")[0]
+
+
+def queued(job: str) -> bool:
+    return bool(subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip())
+
+
+def wait_for(path: Path, job: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline and queued(job), f"the recipe did not start in {timeout} s"
+        time.sleep(1)
+
+
+def test_two_nodes_train_meds_under_sbatch_and_the_checkpoint_holds_the_memory(slurm, tmp_path):
+    job, output = sbatch(tmp_path, "-N", "2", SAVE_DIR=str(tmp_path / "run"))
+    assert job.wait(timeout=1200) == 0, output.read_text()
+    log = output.read_text()
+    placed = dict(re.findall(r"^\s+(PolicyModelActor|MemoryShard|LLMRayActor): (.+)$", log, re.M))
+    assert sorted(placed["PolicyModelActor"].split(", ")) == list(NODE_ADDRESSES), log
+    assert sorted(placed["MemoryShard"].split(", ")) == list(NODE_ADDRESSES), log
+    state, _ = find_memory_state(str(tmp_path / "run" / "ckpt"))
+    assert len(state["keys"]) == 4 and sum(len(v) for v in state["vectors"]) > 0
+    assert "stopping Ray on all 2 nodes" in log and "finished with status 0" in log
+    assert wait_until_empty() == {ns: [] for ns in node_processes()}
+
+
+def test_a_failing_recipe_fails_the_job_with_its_exit_status_and_says_why(slurm, tmp_path):
+    recipe = WAITING_RECIPE.format(action='echo "recipe: giving up on purpose" >&2; exit 3')
+    job, output = sbatch(tmp_path, "-N", "2", recipe=recipe)
+    assert job.wait(timeout=600) == 3
+    log = output.read_text()
+    assert "recipe: Ray nodes 2" in log and "recipe: giving up on purpose" in log
+    assert "finished with status 3" in log
+    assert wait_until_empty() == {ns: [] for ns in node_processes()}
+
+
+def test_scancel_during_the_run_stops_ray_on_both_nodes_and_leaves_no_process(slurm, tmp_path):
+    job, output = sbatch(tmp_path, "-N", "2", recipe=WAITING_RECIPE.format(action="sleep 600"), wait=False)
+    jid = job_id(job)
+    wait_for(tmp_path / "started", jid)
+    running = node_processes()
+    assert all(any("raylet" in c for c in commands) for commands in running.values()), running
+    subprocess.run(["scancel", jid], check=True)
+    deadline = time.time() + 120
+    while queued(jid) and time.time() < deadline:
+        time.sleep(1)
+    assert not queued(jid)
+    assert wait_until_empty() == {ns: [] for ns in node_processes()}, output.read_text()
+
+
+def test_the_time_limit_signal_runs_the_trap_and_the_job_ends_cleanly(slurm, tmp_path):
+    # --time is in minutes; Slurm sends the --signal up to a minute early, so within 0-60 s of the start here.
+    options = ("-N", "2", "--time=2", "--signal=B:TERM@60")
+    job, output = sbatch(tmp_path, *options, recipe=WAITING_RECIPE.format(action="sleep 600"), wait=False)
+    jid = job_id(job)
+    wait_for(tmp_path / "started", jid)
+    deadline = time.time() + 240
+    while queued(jid) and time.time() < deadline:
+        time.sleep(1)
+    log = output.read_text()
+    assert not queued(jid), log
+    assert "stopping Ray on all 2 nodes" in log and "finished with status 143" in log
+    assert "CANCELLED" not in log and "TIME LIMIT" not in log  # the trap ended the job before Slurm had to
+    assert wait_until_empty() == {ns: [] for ns in node_processes()}
+
+
+def test_stop_ends_what_start_started_and_the_ray_cluster_beside_runs_on(slurm, bystander):
+    cluster, processes = bystander
+    daemons = [line.split() for line in (STATE / "pids").read_text().splitlines()]
+    subprocess.run(["bash", str(LOCAL_SLURM), "stop"], check=True, timeout=300)
+    assert all(start_time(int(pid)) != int(start) for pid, start in daemons)
+    assert not subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.count("meds-n")
+    assert not Path("/etc/slurm/slurm.conf").exists()
+    assert {pid: start_time(pid) for pid in processes} == processes  # every one alive, none restarted
+    assert cluster.alive_nodes() == 1
