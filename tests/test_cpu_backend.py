@@ -69,3 +69,50 @@ def test_weight_sync_group_broadcasts_rank_0s_tensor_over_gloo():
     for thread in threads:
         thread.join(60)
     torch.testing.assert_close(received[1], torch.arange(6.0).reshape(2, 3))
+
+
+ZERO3_GATHER = """
+    import threading, time, types
+    import torch
+    import deepspeed.comm as comm
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    # A gloo-like all-gather over two ranks: an async one lands on a thread of its own, the earlier ones last.
+    # The other rank's partition is this rank's + 100.
+    delays = [0.6, 0.3, 0.0]
+
+    def all_gather_into_tensor(output, tensor, group=None, async_op=False, **kwargs):
+        land = lambda delay: (time.sleep(delay), output.copy_(torch.cat([tensor, tensor + 100])))
+        if not async_op:
+            land(0)
+            return None
+        thread = threading.Thread(target=land, args=(delays.pop(0),))
+        thread.start()
+        return types.SimpleNamespace(wait=thread.join)
+
+    comm.all_gather_into_tensor = all_gather_into_tensor
+    params = []
+    for i in range(3):
+        param = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+        param.ds_tensor = torch.arange(2.0) + 10 * i
+        param.ds_tensor.ds_numel, param.ds_numel, param.ds_shape = 2, 4, (4,)
+        params.append(param)
+    partitioner = types.SimpleNamespace(
+        _partition_world_size=lambda p: 2, get_partition_dp_group=lambda p: None,
+        use_all_gather_into_tensor=True, local_device=torch.device("cpu"),
+    )
+    Init._allgather_params_coalesced(partitioner, params)
+    for i, param in enumerate(params):  # read at once, as the module's forward would
+        print("RESULT", param.data.tolist() == [10.0 * i, 10.0 * i + 1, 10.0 * i + 100, 10.0 * i + 101])
+"""
+
+
+def test_zero3_gathers_a_parameter_list_completely_before_it_is_used():
+    result = python(ZERO3_GATHER, env={"MEDS_CPU_BACKEND": "1"})
+    assert results(result) == ["True", "True", "True"], result.stderr[-3000:]
+
+
+def test_unadapted_zero3_uses_parameters_whose_gather_has_not_landed():
+    # What the adaptation is for: DeepSpeed 0.19.6 waits for the last gather only.
+    result = python(ZERO3_GATHER, env={"MEDS_CPU_BACKEND": ""})
+    assert results(result) == ["False", "False", "True"], result.stderr[-3000:]

@@ -143,7 +143,46 @@ def _refresh_tied_lm_heads(model) -> None:
             module.quant_method.process_weights_after_loading(module)
 
 
+class _Completed:
+    """The handle of a collective that has already finished."""
+
+    def wait(self, *args, **kwargs) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+def _adapt_zero3_blocking_gather(module) -> None:
+    if _cuda_present():
+        return
+    # ZeRO-3's blocking gather of a list of parameters (Init._allgather_params_coalesced in DeepSpeed 0.19.6, which
+    # openrlhf 0.11.2 pins) starts one async all-gather per parameter and waits for the last one only. On CUDA one
+    # stream orders them; gloo runs each on a thread of its own, so a parameter can be read, or loaded on rank 0 and
+    # then overwritten, before its gather lands: the two-rank ZeRO-3 run's model once held NaN in two blocks
+    # (DeepSpeed PR #8539 describes the race). Here that call's gathers finish before they return.
+    comm, gather = module.dist, module.Init._allgather_params_coalesced
+
+    def finished(collective):
+        def call(*args, **kwargs):
+            collective(*args, **{**kwargs, "async_op": False})
+            return _Completed()
+
+        return call
+
+    def allgather_params_coalesced(self, *args, **kwargs):
+        saved = comm.all_gather_into_tensor, comm.all_gather
+        comm.all_gather_into_tensor, comm.all_gather = finished(saved[0]), finished(saved[1])
+        try:
+            return gather(self, *args, **kwargs)
+        finally:
+            comm.all_gather_into_tensor, comm.all_gather = saved
+
+    module.Init._allgather_params_coalesced = allgather_params_coalesced
+
+
 ADAPTATIONS = {
+    "deepspeed.runtime.zero.partition_parameters": _adapt_zero3_blocking_gather,
     "openrlhf": _adapt_torch_cuda,
     "openrlhf.trainer.ppo_utils.replay_buffer": _adapt_replay_buffer,
     "openrlhf.utils.distributed_util": _adapt_weight_sync_group,
