@@ -14,6 +14,7 @@ _EXPORTS = {
     "layer_logit_features": "meds_patch.core.features",
     "AnswerHiddenStates": "meds_patch.core.features",
     "ErrorMemory": "meds_patch.core.memory",
+    "AnswerMemory": "meds_patch.core.memory",
     "prompt_key": "meds_patch.core.memory",
     "apply_penalties": "meds_patch.core.penalty",
     "penalty_term": "meds_patch.core.penalty",

@@ -53,6 +53,13 @@ def test_sync_run_lowers_rewards_of_recurring_wrong_answers(sync_run):
     assert sync_run.series("train/meds/without_feature_share")[0] < 0.5
 
 
+def test_every_step_with_a_history_logs_whether_the_clusters_track_answers(sync_run):
+    diagnosed = sync_run.series("train/meds/diagnosed_wrong_rollouts")
+    assert len(diagnosed) == 2 and min(diagnosed) > 0  # steps 2 and 3 met the memories of step 1
+    assert all(0 <= share <= 1 for share in sync_run.series("train/meds/noise_vote_share"))
+    assert all(-1 <= rho <= 1 for rho in sync_run.series("train/meds/cluster_answer_rank_correlation"))
+
+
 def test_a_successful_run_prints_no_traceback(sync_run):
     # Its output includes every actor's, to their exit (once, two resource-tracker KeyErrors at the vLLM actor's).
     assert "Traceback" not in sync_run.log
@@ -96,6 +103,20 @@ def test_resume_through_ray_job_submit_restores_the_memory(ray_cluster, sync_run
     stored = resumed.scalars("train/meds/stored_vectors")
     assert sorted(stored) == [1, 2, 3, 4]  # step 4 added to the first run's events
     assert stored[4]["train/meds/stored_vectors"] >= saved_vectors
+
+
+def test_the_answer_memory_penalises_recurring_wrong_answers_and_resumes_from_its_checkpoint(ray_cluster, tmp_path):
+    folder = str(tmp_path)
+    first = train(ray_cluster, folder, 2, "--algo.meds.feature", "answer")
+    assert first.series("train/meds/penalty_mean")[0] == 0.0 and first.series("train/meds/penalty_mean")[1] > 0
+    assert first.series("train/meds/without_feature_share") == [0.0, 0.0]  # every rollout has an answer
+    state, _ = find_memory_state(os.path.join(folder, "ckpt"))
+    assert state["kind"] == "answer" and len(state["keys"]) == len(set(state["keys"])) > 0
+    saved = sum(sum(counts.values()) for counts in state["answers"])
+    assert saved == first.series("train/meds/stored_vectors")[-1]
+    resumed = train(ray_cluster, folder, 3, "--algo.meds.feature", "answer")
+    assert f"MEDS: restored {{'memories': {len(state['keys'])}, 'vectors': {saved}," in resumed.log
+    assert resumed.series("train/meds/stored_vectors")[-1] > saved
 
 
 def test_async_trainer_applies_meds(ray_cluster, tmp_path):

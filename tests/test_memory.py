@@ -9,6 +9,8 @@ import pytest
 from sklearn.preprocessing import normalize
 
 from meds_patch import ErrorMemory, MEDSConfig, prompt_key
+from meds_patch.core.answers import answer_key
+from meds_patch.core.memory import AnswerMemory
 
 E = np.eye(4, dtype=np.float32)
 WRONG = False
@@ -225,7 +227,7 @@ def test_state_dict_holds_only_plain_objects():
     memory = ErrorMemory()
     step(memory, "q", near(0, 3))
     state = memory.state_dict()
-    assert set(state) == {"version", "config", "keys", "correct", "vectors", "labels", "arrivals", "updates"}
+    assert set(state) == {"version", "kind", "config", "keys", "correct", "vectors", "labels", "arrivals", "updates"}
     assert state["keys"] == ["q"] and state["correct"] == [False]
     assert isinstance(state["vectors"][0], np.ndarray) and isinstance(state["config"], dict)
 
@@ -353,3 +355,50 @@ def test_bfloat16_feature_tensors_are_taken_as_float32():
     memory = ErrorMemory()
     step(memory, "q", torch.tensor(near(0, 3), dtype=torch.bfloat16))
     assert memory.vectors[("q", WRONG)].dtype == np.float32 and memory.summary()["vectors"] == 3
+
+
+# ── Votes: what each row's n came from (for the cluster-answer diagnostic) ──
+
+
+def test_votes_say_which_rows_were_sized_against_a_history_and_which_went_to_noise():
+    # Two clusters (axes 0 and 1) and one noise point (axis 3) of question "q"; "p" has no history.
+    memory = hand_made([0, 0, 1, 1, -1], [E[0], E[0], E[1], E[1], E[3]], knn_k=1)
+    memory.update(["q", "q", "p"], [WRONG, WRONG, WRONG], np.stack([E[0], E[3], E[0]]))
+    np.testing.assert_array_equal(memory.last_votes.sizes, [2, 1, 0])
+    np.testing.assert_array_equal(memory.last_votes.noise, [False, True, False])
+    np.testing.assert_array_equal(memory.last_votes.sized, [True, True, False])
+
+
+# ── The answer memory (--algo.meds.feature answer) ──
+
+
+def test_answer_memory_counts_earlier_rollouts_of_the_question_with_the_same_answer():
+    memory = AnswerMemory()
+    first = memory.update(["q", "q", "q", "p"], [WRONG, WRONG, True, WRONG], ["85", "85", "95", None])
+    np.testing.assert_array_equal(first, 0)  # no history: copies within one visit do not count
+    second = memory.update(["q", "q", "p", "q"], [WRONG, WRONG, WRONG, True], ["85", "75", None, "95"])
+    # q's 85 was given twice before, 75 never; p's missing answer once; a correct rollout is not penalised.
+    np.testing.assert_allclose(second, [0.1 * math.log(3), 0.0, 0.1 * math.log(2), 0.0])
+    np.testing.assert_array_equal(memory.last_votes.sizes, [2, 0, 1, 0])
+    assert memory.summary() == {"memories": 2, "vectors": 6, "clusters": 3}
+
+
+def test_answer_memory_tells_answers_apart_by_what_they_say_not_their_spacing():
+    assert answer_key(" 8 5 ") == answer_key("85") == answer_key("$85$.") == "85"
+    assert answer_key(r"\left( 1,\, 2 \right)") == "(1,2)"
+    assert answer_key(r"\dfrac{1}{2}") == answer_key(r"\frac{1}{2}")
+    assert answer_key(r"\leftarrow") == r"\leftarrow" and answer_key(None) == ""
+    assert answer_key("0.5") != answer_key(r"\frac{1}{2}")  # text, not math-verify's equivalence
+
+
+def test_answer_memory_state_round_trips_and_refuses_the_other_kind():
+    memory = AnswerMemory()
+    memory.update(["q", "q"], [WRONG, WRONG], ["85", "75"])
+    restored = AnswerMemory()
+    restored.load_state_dict(pickle.loads(pickle.dumps(memory.state_dict())))
+    assert restored.state_dict() == memory.state_dict()
+    np.testing.assert_array_equal(restored.update(["q"], [WRONG], ["85"]), [0.1 * math.log(2)])
+    with pytest.raises(ValueError, match="keeps 'answer'"):
+        ErrorMemory().load_state_dict(memory.state_dict())
+    with pytest.raises(ValueError, match="keeps layer logits"):
+        AnswerMemory().load_state_dict(ErrorMemory().state_dict())

@@ -1,9 +1,11 @@
 """Collapse metrics: the final answer, the diversity of wrong answers, unbiased pass@k."""
 
+import numpy as np
 import pytest
 
 from meds_patch.core.answers import last_boxed_answer
-from meds_patch.core.metrics import pass_at_k, wrong_answer_diversity
+from meds_patch.core.memory import Votes
+from meds_patch.core.metrics import cluster_answer_agreement, pass_at_k, wrong_answer_diversity
 
 
 def test_last_box_wins_and_nested_braces_match():
@@ -60,3 +62,28 @@ def test_pass_at_k_is_one_minus_the_chance_that_k_draws_miss(n, c, k, expected):
 def test_pass_at_k_rejects_impossible_counts():
     with pytest.raises(ValueError, match="pass@k"):
         pass_at_k(4, 5, 1)
+
+
+def votes(sizes, noise, sized):
+    return Votes(np.array(sizes), np.array(noise, bool), np.array(sized, bool))
+
+
+def test_cluster_answer_agreement_ranks_cluster_sizes_against_same_answer_counts():
+    # Wrong rows 0-3 sized; row 4 is correct, row 5 had no history: both left out.
+    correct = np.array([False, False, False, False, True, False])
+    same = votes([4, 1, 2, 9, 7, 0], [False, True, False, False, False, False], [True] * 5 + [False])
+    # Sizes 4, 1, 2, 9 rank 3, 1, 2, 4; counts 3, 0, 1, 5 rank the same, counts 1, 5, 3, 0 the other way round.
+    agreement = cluster_answer_agreement(correct, same, np.array([3, 0, 1, 5, 0, 2]))
+    assert agreement == {
+        "diagnosed_wrong_rollouts": 4, "noise_vote_share": 0.25, "cluster_answer_rank_correlation": pytest.approx(1)
+    }  # fmt: skip
+    reversed_ = cluster_answer_agreement(correct, same, np.array([1, 5, 3, 0, 0, 2]))
+    assert reversed_["cluster_answer_rank_correlation"] == pytest.approx(-1)
+
+
+def test_cluster_answer_agreement_leaves_out_a_correlation_it_cannot_compute():
+    correct = np.zeros(3, bool)
+    assert "cluster_answer_rank_correlation" not in cluster_answer_agreement(
+        correct, votes([2, 2, 2], [0, 0, 0], [1, 1, 1]), np.array([0, 1, 2])
+    )
+    assert cluster_answer_agreement(correct, votes([1, 2, 3], [0, 0, 0], [0, 0, 0]), np.array([0, 1, 2])) == {}

@@ -60,6 +60,16 @@ def test_meds_needs_a_correctness_source():
         parse_train_args(args)
 
 
+def test_the_answer_memory_in_the_controller_cannot_be_sharded():
+    with pytest.raises(ValueError, match="--algo.meds.feature answer keeps a count per answer in the controller"):
+        parse_train_args([*MEDS_ARGS, "--algo.meds.feature", "answer", "--algo.meds.num_workers", "2"])
+
+
+def test_an_unknown_feature_is_rejected_by_the_flag():
+    with pytest.raises(SystemExit):
+        parse_train_args([*MEDS_ARGS, "--algo.meds.feature", "hidden_states"])
+
+
 # ── Actor rank: features from the experience forward ──
 
 
@@ -284,6 +294,31 @@ def test_a_correct_but_overlong_rollout_counts_as_correct(makers):
     result = maker.compute_advantages_and_returns(exps)[0]
     assert result.info["reward"][0] == 0.0  # the length penalty did land
     assert maker.meds_state.last_step.wrong == 2
+
+
+def test_the_answer_memory_penalises_a_recurring_wrong_answer_with_no_layer_features(makers):
+    patched, pristine = makers
+    maker = maker_for(patched, "group_norm", meds=True)
+    maker.args.algo.meds.feature = "answer"
+    from meds_patch.integration.glue import controller_state, finish_capture, start_capture
+
+    policy = SimpleNamespace(strategy=SimpleNamespace(args=maker.args))
+    assert finish_capture(policy, start_capture(policy, None, None, None)) is None  # no hooks, no layers read
+    key = prompt_key("What is 1 + 1?")
+    controller_state(maker).memory.load_state_dict(
+        {"version": 1, "kind": "answer", "keys": [key], "correct": [False], "answers": [{"0": 2, "1": 1}]}
+    )
+    # Rollouts answer 0, 1, 0, 1 (experiences()); the two wrong ones answered 0 (seen twice) and 1 (seen once).
+    rewards = [0.0, 0.0, 1.0, 1.0]
+    exps = experiences(rewards, rewards)
+    exps[0].meds = RolloutValues(features=None)  # what the actor returns when the memory keeps answers
+    result = maker.compute_advantages_and_returns(exps)[0]
+    expected = torch.tensor([0.1 * math.log(3), 0.1 * math.log(2), 0.0, 0.0])
+    torch.testing.assert_close(result.info["meds_penalty"], expected)
+    reference = maker_for(pristine, "group_norm", meds=False)
+    shaped = reference.compute_advantages_and_returns(experiences((-expected).tolist()[:2] + [1.0, 1.0], rewards))
+    torch.testing.assert_close(result.advantages, shaped[0].advantages)
+    assert maker.meds_state.last_step.without_feature == 0  # every rollout has an answer
 
 
 def test_step_records_how_varied_the_wrong_answers_are(makers):

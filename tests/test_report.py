@@ -118,6 +118,15 @@ def test_a_checkpoint_without_prompts_or_arrivals_still_renders(tmp_path):
     assert "| 1 | (question text not recorded; key aaaaaaaaaaaa) | wrong | 4 | 2, 2 | 0 |" in report
 
 
+def test_an_answer_memory_checkpoint_is_refused_by_name(tmp_path):
+    from meds_patch.core.memory import AnswerMemory
+
+    memory = AnswerMemory()
+    memory.update(["a" * 32], [False], ["85"])
+    with pytest.raises(ValueError, match="counts final answers \\(--algo.meds.feature answer\\)"):
+        write_report(save_checkpoint(tmp_path, memory.state_dict()), str(tmp_path / "out"))
+
+
 def test_noise_is_a_bar_of_its_own_with_its_integer_count():
     fig = plot_clusters(rows_of(hand_made_state({"q" * 32: [0, 0, 0, 1, 1, -1, -1, -1, -1]}, {})), MEDSConfig())
     ax = fig.axes[0]

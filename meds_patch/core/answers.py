@@ -1,4 +1,4 @@
-"""The final answer of a response: the content of its last ``\\boxed{...}``."""
+"""The final answer of a response: the content of its last ``\\boxed{...}``, and a key that tells answers apart."""
 
 import re
 from typing import Optional
@@ -23,3 +23,17 @@ def last_boxed_answer(text: str) -> Optional[str]:
             return text[start:i]
         i += 1
     return None
+
+
+# Spacing and sizing commands that change how an answer looks, not what it says.
+LATEX_LAYOUT = re.compile(r"\\(?:left|right|displaystyle)(?![a-zA-Z])|\\[,;:! ]|\$|\s")
+
+
+def answer_key(answer: Optional[str]) -> str:
+    """The answer as the memory compares it: its text without spacing or layout commands, ``\\dfrac``/``\\tfrac``
+    read as ``\\frac``, a final period dropped. A response without a box gets "" (all such responses count as
+    one answer). Text only: math-verify's equivalence (``0.5`` = ``\\frac{1}{2}``) runs sympy, which can take
+    minutes on one answer, and the memory runs in the trainer's controller."""
+    if answer is None:
+        return ""
+    return re.sub(r"\\[dt]frac", r"\\frac", LATEX_LAYOUT.sub("", answer)).rstrip(".")

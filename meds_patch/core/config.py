@@ -4,6 +4,7 @@ from dataclasses import dataclass, field, fields
 from typing import Optional
 
 TARGETS = ("wrong", "right", "both")
+FEATURES = ("layer_logits", "answer")
 
 
 def option(default, help: str):
@@ -29,6 +30,12 @@ class MEDSConfig:
         None, "keep at most this many vectors per (question, outcome), oldest dropped; None keeps all"
     )
     correct_threshold: float = option(0.5, "a rollout is correct when its score (reward if no score) is >= this")
+    feature: str = option(
+        "layer_logits",
+        "what the memory keeps of a rollout: layer_logits (the paper's: logits of the answer token, clustered) or "
+        "answer (its final answer: n = earlier rollouts of the question with the same answer; no hooks, no "
+        "clustering, any model)",
+    )
 
     def __post_init__(self):
         def check(ok: bool, name: str, allowed: str):
@@ -49,6 +56,7 @@ class MEDSConfig:
             "None or an integer >= 1",
         )
         check(_is_real(self.correct_threshold), "correct_threshold", "a finite number")
+        check(self.feature in FEATURES, "feature", f"one of {FEATURES}")
 
     @property
     def penalty_cap(self) -> float:

@@ -4,13 +4,15 @@ import hashlib
 import logging
 import re
 import warnings
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import hdbscan
 import numpy as np
 
+from meds_patch.core.answers import answer_key
 from meds_patch.core.config import MEDSConfig
 from meds_patch.core.penalty import penalty_term
 
@@ -117,6 +119,19 @@ class StepStats:
         )
 
 
+class Votes(NamedTuple):
+    """Per row of the last update: the size n its penalty came from, whether its vote went to HDBSCAN noise, and
+    whether it was sized against a history at all (a stored row whose memory held earlier rollouts)."""
+
+    sizes: np.ndarray
+    noise: np.ndarray
+    sized: np.ndarray
+
+    @classmethod
+    def none(cls, rows: int) -> "Votes":
+        return cls(np.zeros(rows, np.int64), np.zeros(rows, bool), np.zeros(rows, bool))
+
+
 class ErrorMemory:
     """The MEDS memory: for each (question, outcome) the features of past rollouts and their cluster labels.
 
@@ -130,6 +145,7 @@ class ErrorMemory:
         self.arrivals: Dict[MemoryKey, np.ndarray] = {}  # the update (1, 2, ...) that stored each vector
         self.updates = 0
         self.last_step = StepStats()
+        self.last_votes = Votes.none(0)
         self._labels: Dict[MemoryKey, np.ndarray] = {}
         self._refit: Optional[Future] = None  # the last update's re-clustering, running in the background
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meds-hdbscan")
@@ -155,17 +171,19 @@ class ErrorMemory:
         """
         if len(keys) == 0 and np.size(features) == 0 and np.size(correct) == 0:
             self.updates += 1
-            self.last_step = StepStats()
+            self.last_step, self.last_votes = StepStats(), Votes.none(0)
             return np.zeros(0, dtype=np.float64)
         width = next((v.shape[1] for v in self.vectors.values()), None)
         correct, features, rows = checked_step(keys, correct, features, self.config.target, width)
         # Every check is done: from here on the step changes the memory.
         self.updates += 1
         self.wait_for_refit()  # the previous step's labels (normally long done)
-        sizes = np.zeros(len(keys), dtype=np.int64)
+        votes = Votes.none(len(keys))
         touched = []
         for mkey, members in memory_groups(keys, correct, rows):
-            sizes[members] = self._cluster_sizes(mkey, features[members])  # 1. sizes, from the history only
+            if len(self.vectors.get(mkey, ())):  # 1. sizes, from the history only
+                votes.sizes[members], votes.noise[members] = self._cluster_sizes(mkey, features[members])
+                votes.sized[members] = True
             self._append(mkey, features[members])  # 2. the new rollouts join the history
             touched.append(mkey)
         # 3. Re-cluster each touched memory. The labels are read only at its next visit, so the fits run off the
@@ -173,8 +191,8 @@ class ErrorMemory:
         if touched:
             self._refit = self._executor.submit(self._fit_all, [(m, self.vectors[m]) for m in touched])
         penalties = np.zeros(len(keys), dtype=np.float64)
-        penalties[rows] = penalty_term(sizes[rows], self.config.alpha, self.config.penalty_cap)
-        self.last_step = StepStats.measure(correct, features, penalties)
+        penalties[rows] = penalty_term(votes.sizes[rows], self.config.alpha, self.config.penalty_cap)
+        self.last_step, self.last_votes = StepStats.measure(correct, features, penalties), votes
         return penalties
 
     def _fit_all(self, snapshot: List[Tuple[MemoryKey, np.ndarray]]) -> Dict[MemoryKey, np.ndarray]:
@@ -187,11 +205,10 @@ class ErrorMemory:
                 labels[mkey] = np.full(len(vectors), -1, dtype=np.int64)
         return labels
 
-    def _cluster_sizes(self, mkey: MemoryKey, new: np.ndarray) -> np.ndarray:
-        """Size of the stored cluster each new vector votes for among its k nearest stored vectors (cosine)."""
-        stored = self.vectors.get(mkey)
-        if stored is None or len(stored) == 0:
-            return np.zeros(len(new), dtype=np.int64)
+    def _cluster_sizes(self, mkey: MemoryKey, new: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Size of the stored cluster each new vector votes for among its k nearest stored vectors (cosine), and
+        whether the vote went to noise."""
+        stored = self.vectors[mkey]
         labels = self._labels[mkey]
         k = min(self.config.knn_k, len(stored))
         distance = 1.0 - unit_rows(new) @ unit_rows(stored).T
@@ -203,7 +220,7 @@ class ErrorMemory:
         sizes = np.bincount(labels + 1, minlength=votes.shape[1])[winner]
         if not self.config.noise_as_cluster:
             sizes[winner == 0] = 0
-        return sizes
+        return sizes, winner == 0
 
     def _append(self, mkey: MemoryKey, new: np.ndarray) -> None:
         stored = self.vectors.get(mkey, np.zeros((0, new.shape[1]), np.float32))
@@ -227,6 +244,7 @@ class ErrorMemory:
         mkeys = sorted(self.vectors)
         return {
             "version": STATE_VERSION,
+            "kind": "layer_logits",
             "config": asdict(self.config),
             "keys": [k for k, _ in mkeys],
             "correct": [c for _, c in mkeys],
@@ -244,6 +262,9 @@ class ErrorMemory:
         """
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(f"not an ErrorMemory state of version {STATE_VERSION}: {type(state).__name__}")
+        if state.get("kind", "layer_logits") != "layer_logits":  # states from before "kind" hold layer logits
+            raise ValueError(f"the saved memory keeps {state['kind']!r} (--algo.meds.feature {state['kind']}), this "
+                             "run layer logits: resume with the run's own --algo.meds.feature")  # fmt: skip
         missing = [f for f in ("keys", "correct", "vectors", "labels") if f not in state]
         if missing:
             raise ValueError(f"ErrorMemory state lacks {', '.join(missing)}")
@@ -285,7 +306,7 @@ class ErrorMemory:
         rows = sorted(
             (row for state in states for row in zip(*(state[f] for f in fields))), key=lambda row: (row[0], row[1])
         )
-        merged = {"version": STATE_VERSION, "config": states[0]["config"] if states else {}}
+        merged = {"version": STATE_VERSION, "kind": "layer_logits", "config": states[0]["config"] if states else {}}
         merged["updates"] = max((state.get("updates", 0) for state in states), default=0)
         merged.update({f: [row[i] for row in rows] for i, f in enumerate(fields)})
         return merged
@@ -302,3 +323,76 @@ class ErrorMemory:
             for f, value in zip(fields, row):
                 parts[part_of(row[0])][f].append(value)
         return parts
+
+
+class AnswerMemory:
+    """MEDS with the final answer as the error pattern (``--algo.meds.feature answer``): a rollout's n is the number
+    of earlier rollouts of its question, with its outcome, that gave the same answer (``answer_key``). No features,
+    no clustering, so it needs no model internals; the penalty, its target and its placement are the same.
+
+    ``update(keys, correct, answers)`` takes each row's final answer (None without one) where ``ErrorMemory``
+    takes features; every row has an answer, so none is left unsized for want of one.
+    """
+
+    def __init__(self, config: Optional[MEDSConfig] = None):
+        self.config = config or MEDSConfig()
+        self.answers: Dict[MemoryKey, Counter] = {}  # answer key -> how many earlier rollouts gave it
+        self.updates = 0
+        self.last_step = StepStats()
+        self.last_votes = Votes.none(0)
+
+    def update(self, keys: Sequence[str], correct: Sequence[bool], answers: Sequence[Optional[str]]) -> np.ndarray:
+        if len(answers) != len(keys):
+            raise ValueError(f"update needs one answer per key: {len(keys)} keys, {len(answers)} answers")
+        # The same checks as a feature memory's; one column of zeros stands for "has an answer".
+        correct, _, rows = checked_step(keys, correct, np.zeros((len(keys), 1)), self.config.target, None)
+        self.updates += 1
+        answered = [answer_key(a) for a in answers]
+        votes = Votes.none(len(keys))
+        for mkey, members in memory_groups(keys, correct, rows):
+            history = self.answers.setdefault(mkey, Counter())
+            votes.sized[members] = bool(history)
+            votes.sizes[members] = [history[answered[r]] for r in members]  # history only: then the step joins
+            history.update(answered[r] for r in members)
+        penalties = np.zeros(len(keys), dtype=np.float64)
+        penalties[rows] = penalty_term(votes.sizes[rows], self.config.alpha, self.config.penalty_cap)
+        self.last_step = StepStats.measure(correct, np.zeros((len(keys), 1)), penalties)
+        self.last_votes = votes
+        return penalties
+
+    def summary(self) -> Dict[str, float]:
+        """Memories, stored answers, and distinct answers (the answer memory's clusters)."""
+        return {
+            "memories": len(self.answers),
+            "vectors": sum(sum(c.values()) for c in self.answers.values()),
+            "clusters": sum(len(c) for c in self.answers.values()),
+        }
+
+    def state_dict(self) -> dict:
+        mkeys = sorted(self.answers)
+        return {
+            "version": STATE_VERSION,
+            "kind": "answer",
+            "config": asdict(self.config),
+            "keys": [k for k, _ in mkeys],
+            "correct": [c for _, c in mkeys],
+            "answers": [dict(self.answers[m]) for m in mkeys],
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace the memory with a saved one; all or nothing, a bad state raises ``ValueError`` naming why."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"not an AnswerMemory state of version {STATE_VERSION}: {type(state).__name__}")
+        if state.get("kind", "layer_logits") != "answer":
+            raise ValueError("the saved memory keeps layer logits (--algo.meds.feature layer_logits), this run "
+                             "answers: resume with the run's own --algo.meds.feature")  # fmt: skip
+        keys, correct, answers = state.get("keys", []), state.get("correct", []), state.get("answers", [])
+        if not len(keys) == len(correct) == len(answers):
+            raise ValueError(f"AnswerMemory state: {len(keys)} keys, {len(correct)} outcomes, {len(answers)} answers")
+        loaded = {}
+        for key, ok, counts in zip(keys, correct, answers):
+            if not isinstance(counts, dict) or any(not isinstance(n, int) or n < 1 for n in counts.values()):
+                raise ValueError(f"AnswerMemory state for {key!r}: answers must map answer keys to counts >= 1")
+            loaded[(str(key), bool(ok))] = Counter(counts)
+        self.answers, self.updates = loaded, int(state.get("updates", 0))

@@ -1,8 +1,11 @@
-"""Signs of policy collapse: how varied the wrong answers are, and unbiased pass@k (Chen et al., 2021)."""
+"""Signs of policy collapse: how varied the wrong answers are, whether the memory's clusters track them, and
+unbiased pass@k (Chen et al., 2021)."""
 
 import math
 from collections import defaultdict
 from typing import Dict, Optional, Sequence
+
+import numpy as np
 
 
 def wrong_answer_diversity(keys: Sequence[str], correct: Sequence[bool], answers: Sequence[Optional[str]]) -> dict:
@@ -18,6 +21,24 @@ def wrong_answer_diversity(keys: Sequence[str], correct: Sequence[bool], answers
         "wrong_answers_distinct_per_question": sum(distinct) / len(distinct) if distinct else 0.0,
         "wrong_questions_single_answer_share": sum(repeated) / len(repeated) if repeated else 0.0,
     }
+
+
+def cluster_answer_agreement(correct: np.ndarray, votes, same_answer_counts: np.ndarray) -> dict:
+    """Whether the memory's clusters track distinct wrong answers, over the step's wrong rollouts that the memory
+    sized against a history (``votes``, ``memory.Votes``): Spearman's rank correlation between their cluster size
+    n and the number of earlier wrong rollouts of the question with the same final answer (left out when either
+    is constant), and the share whose vote went to HDBSCAN noise. Clusters that are slices of time rather than
+    error modes give a correlation near 0."""
+    from scipy.stats import spearmanr
+
+    rows = ~np.asarray(correct, bool) & votes.sized
+    if not rows.any():
+        return {}
+    metrics = {"diagnosed_wrong_rollouts": int(rows.sum()), "noise_vote_share": float(votes.noise[rows].mean())}
+    sizes, counts = votes.sizes[rows], np.asarray(same_answer_counts)[rows]
+    if len(np.unique(sizes)) > 1 and len(np.unique(counts)) > 1:
+        metrics["cluster_answer_rank_correlation"] = float(spearmanr(sizes, counts).statistic)
+    return metrics
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -12,14 +12,14 @@ import argparse
 import logging
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from meds_patch.core import CHECKPOINT_KEY
-from meds_patch.core.config import TARGETS, MEDSConfig, option
+from meds_patch.core.config import FEATURES, TARGETS, MEDSConfig, option
 from meds_patch.core.features import ANCHOR_SEARCHES, AnswerHiddenStates, find_answer_positions
 
 if TYPE_CHECKING:  # the memory's module imports hdbscan: only the controller needs it, and only when used
@@ -49,7 +49,7 @@ class TrainerOptions:
 
 
 FLAGS = fields(MEDSConfig) + fields(TrainerOptions)
-FLAG_CHOICES = {"target": TARGETS, "anchor_search": ANCHOR_SEARCHES}
+FLAG_CHOICES = {"target": TARGETS, "anchor_search": ANCHOR_SEARCHES, "feature": FEATURES}
 
 
 # ── What MEDS keeps, and where ──
@@ -59,9 +59,9 @@ FLAG_CHOICES = {"target": TARGETS, "anchor_search": ANCHOR_SEARCHES}
 class ForwardCapture:
     """One experience forward's capture on an actor rank, held as ``policy.meds_capture`` while the forward runs."""
 
-    hidden: AnswerHiddenStates  # the hooks, and the hidden states they kept at the answer positions
-    target: torch.Tensor  # (B,) each row's answer token, the one whose logit is read
-    valid: torch.Tensor  # (B,) rows with an answer position
+    hidden: Optional[AnswerHiddenStates]  # the hooks and what they kept; None with --algo.meds.feature answer
+    target: Optional[torch.Tensor] = None  # (B,) each row's answer token, the one whose logit is read
+    valid: Optional[torch.Tensor] = None  # (B,) rows with an answer position
     ring_group: Any = None  # packed ring attention: each answer position lives on one rank of this group
 
 
@@ -76,13 +76,16 @@ class RolloutValues:
 
 @dataclass
 class ControllerState:
-    """What MEDS keeps on the controller, as ``maker.meds_state``: the error memory, each question's text (for
-    reports; checkpointed with the memory) and what the last step measured (for the logs)."""
+    """What MEDS keeps on the controller, as ``maker.meds_state``: the error memory, each question's wrong answers
+    and text (checkpointed with the memory) and what the last step measured (for the logs)."""
 
-    memory: Any  # ErrorMemory, or ShardedErrorMemory with --algo.meds.num_workers > 0
+    memory: Any  # ErrorMemory, ShardedErrorMemory (--algo.meds.num_workers > 0) or AnswerMemory (--feature answer)
+    # Each question's earlier wrong answers, counted whatever the memory keeps: what its clusters are checked against.
+    wrong_answers: Any = None  # AnswerMemory with target "wrong"
     prompts: Dict[str, str] = field(default_factory=dict)  # prompt key -> the question's first characters
     last_step: Optional["StepStats"] = None
     answer_diversity: Dict[str, float] = field(default_factory=dict)  # core.metrics.wrong_answer_diversity
+    agreement: Dict[str, float] = field(default_factory=dict)  # core.metrics.cluster_answer_agreement
     seconds: float = 0.0  # the controller's time in the last shaping
 
 
@@ -136,6 +139,10 @@ def validate_arguments(args) -> None:
         raise ValueError("--algo.meds.anchor must be a non-empty string")
     if args.algo.meds.num_workers < 0:
         raise ValueError(f"--algo.meds.num_workers={args.algo.meds.num_workers} is invalid: must be >= 0")
+    if args.algo.meds.feature == "answer" and args.algo.meds.num_workers > 0:
+        raise ValueError(
+            "--algo.meds.feature answer keeps a count per answer in the controller: --algo.meds.num_workers must be 0"
+        )
     if args.algo.advantage.estimator in GROUP_ESTIMATORS and args.rollout.n_samples_per_prompt < 2:
         raise ValueError(
             f"--meds with --algo.advantage.estimator {args.algo.advantage.estimator} needs "
@@ -209,6 +216,8 @@ def start_capture(policy, sequences: torch.Tensor, attention_mask: torch.Tensor,
     if not enabled(args):
         return None
     require_hook_on_every_node()
+    if args.algo.meds.feature == "answer":  # the memory keeps answers: nothing to read from the layers
+        return ForwardCapture(hidden=None)
     stale = getattr(policy, "meds_capture", None)
     if stale is not None:  # left behind by a forward that raised
         stale.hidden.__exit__(None, None, None)
@@ -252,7 +261,10 @@ def start_capture(policy, sequences: torch.Tensor, attention_mask: torch.Tensor,
 
 @torch.no_grad()
 def finish_capture(policy, capture: ForwardCapture) -> torch.Tensor:
-    """Remove the hooks and return the (B, K) float32 features on CPU (NaN rows: no answer position)."""
+    """Remove the hooks and return the (B, K) float32 features on CPU (NaN rows: no answer position); None when
+    the memory keeps answers."""
+    if capture.hidden is None:
+        return None
     capture.hidden.__exit__(None, None, None)
     policy.meds_capture = None
     values = capture.hidden.logits(capture.target)
@@ -286,15 +298,19 @@ def attach_features(samples_list: List, results: List) -> List[torch.Tensor]:
 def controller_state(maker) -> ControllerState:
     """The experience maker's MEDS state (created on first use), so sync and async trainers share the path."""
     if getattr(maker, "meds_state", None) is None:
+        from meds_patch.core.memory import AnswerMemory, ErrorMemory
+
+        config = meds_config(maker.args)
         workers = getattr(maker.args.algo.meds, "num_workers", 0)  # hand-made args may lack the flag
-        if workers > 0:
+        if config.feature == "answer":
+            memory = AnswerMemory(config)
+        elif workers > 0:
             from meds_patch.integration.sharded import ShardedErrorMemory
 
-            maker.meds_state = ControllerState(ShardedErrorMemory(meds_config(maker.args), workers))
+            memory = ShardedErrorMemory(config, workers)
         else:
-            from meds_patch.core.memory import ErrorMemory
-
-            maker.meds_state = ControllerState(ErrorMemory(meds_config(maker.args)))
+            memory = ErrorMemory(config)
+        maker.meds_state = ControllerState(memory, AnswerMemory(replace(config, target="wrong")))
     return maker.meds_state
 
 
@@ -317,7 +333,7 @@ def shape_rewards(maker, experiences: List) -> None:
     ``info["meds_penalty"]`` and the step's statistics.
     """
     from meds_patch.core.memory import prompt_key
-    from meds_patch.core.metrics import wrong_answer_diversity
+    from meds_patch.core.metrics import cluster_answer_agreement, wrong_answer_diversity
     from meds_patch.core.penalty import apply_penalties
 
     start = time.perf_counter()
@@ -335,7 +351,8 @@ def shape_rewards(maker, experiences: List) -> None:
     width = next((f.shape[1] for f in features if f is not None), config.num_layers)
     features = [np.full((len(o), width), np.nan, np.float32) if f is None else f for f, o in zip(features, outcomes)]
     correct = np.concatenate(outcomes)
-    penalties = state.memory.update(keys, correct, np.concatenate(features))
+    penalties = state.memory.update(keys, correct, answers if config.feature == "answer" else np.concatenate(features))
+    state.wrong_answers.update(keys, correct, answers)
 
     offset = 0
     for exp in experiences:
@@ -349,6 +366,7 @@ def shape_rewards(maker, experiences: List) -> None:
         offset += n
     state.last_step = state.memory.last_step
     state.answer_diversity = wrong_answer_diversity(keys, correct, answers)
+    state.agreement = cluster_answer_agreement(correct, state.memory.last_votes, state.wrong_answers.last_votes.sizes)
     state.seconds = time.perf_counter() - start
 
 
@@ -386,6 +404,7 @@ def step_metrics(maker) -> Dict[str, float]:
         "meds/penalty_mean": step.mean_penalty,
         "meds/penalty_max": step.max_penalty,
         **{f"meds/{name}": value for name, value in state.answer_diversity.items()},
+        **{f"meds/{name}": value for name, value in state.agreement.items()},
         "meds/controller_seconds": state.seconds,
     }
 
@@ -413,7 +432,8 @@ class MemoryCheckpoint(dict):
 def memory_state(maker) -> MemoryCheckpoint:
     state = controller_state(maker)
     saved = state.memory.state_dict()
-    return MemoryCheckpoint(saved, prompts={k: state.prompts[k] for k in set(saved["keys"]) if k in state.prompts})
+    prompts = {k: state.prompts[k] for k in set(saved["keys"]) if k in state.prompts}
+    return MemoryCheckpoint(saved, prompts=prompts, wrong_answers=state.wrong_answers.state_dict())
 
 
 def restore_memory(maker, checkpoint_states: Dict[str, Any]) -> None:
@@ -426,6 +446,8 @@ def restore_memory(maker, checkpoint_states: Dict[str, Any]) -> None:
             logger.warning("MEDS: the checkpoint has no error memory; starting with an empty one")
         return
     state.memory.load_state_dict(dict(saved))
+    if "wrong_answers" in saved:  # checkpoints from before the cluster-answer diagnostic have none
+        state.wrong_answers.load_state_dict(saved["wrong_answers"])
     state.prompts = dict(saved.get("prompts", {}))
     # print, not logger.info: upstream leaves this module's logger at WARNING, and users must see the restore.
     print(f"MEDS: restored {state.memory.summary()} from the checkpoint", flush=True)

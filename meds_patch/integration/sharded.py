@@ -15,7 +15,7 @@ import numpy as np
 import ray
 
 from meds_patch.core.config import MEDSConfig
-from meds_patch.core.memory import ErrorMemory, StepStats, checked_step
+from meds_patch.core.memory import ErrorMemory, StepStats, Votes, checked_step
 
 logger = logging.getLogger(__name__)
 RESTART_TIMEOUT_S = 300
@@ -37,6 +37,9 @@ class MemoryShard(ErrorMemory):
     def run(self, method: str, *args):
         return getattr(self, method)(*args), self.incarnation
 
+    def update_with_votes(self, *args):
+        return self.update(*args), self.last_votes
+
 
 class ShardedErrorMemory:
     """``ErrorMemory``'s interface over ``num_workers`` Ray actors (one CPU each, spread over the cluster)."""
@@ -50,6 +53,7 @@ class ShardedErrorMemory:
         self.incarnations: List[Optional[str]] = [None] * num_workers
         self.restore_points: List[Optional[ray.ObjectRef]] = [None] * num_workers
         self.last_step = StepStats()
+        self.last_votes = Votes.none(0)
         self.width: Optional[int] = None  # the feature width the shards hold, once they hold any
 
     def _call(self, index: int, method: str, *args, ref: Optional[ray.ObjectRef] = None):
@@ -92,13 +96,15 @@ class ShardedErrorMemory:
         for index in range(len(self.shards)):
             mine = np.flatnonzero(owner == index)
             args = ([keys[r] for r in mine], correct[mine], features[mine])
-            jobs.append((mine, args, self.shards[index].run.remote("update", *args)))  # all shards at once
-        penalties = np.zeros(len(keys), dtype=np.float64)
+            jobs.append((mine, args, self.shards[index].run.remote("update_with_votes", *args)))  # all at once
+        penalties, votes = np.zeros(len(keys), dtype=np.float64), Votes.none(len(keys))
         for index, (mine, args, ref) in enumerate(jobs):
-            penalties[mine] = self._call(index, "update", *args, ref=ref)
+            penalties[mine], shard_votes = self._call(index, "update_with_votes", *args, ref=ref)
+            for mine_in_all, values in zip(votes, shard_votes):
+                mine_in_all[mine] = values
         if rows.size:
             self.width = features.shape[1]
-        self.last_step = StepStats.measure(correct, features, penalties)
+        self.last_step, self.last_votes = StepStats.measure(correct, features, penalties), votes
         return penalties
 
     def summary(self) -> Dict[str, float]:

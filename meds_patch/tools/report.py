@@ -245,6 +245,11 @@ def write_report(checkpoint: str, out_dir: Optional[str] = None) -> str:
     import matplotlib.pyplot as plt
 
     state, source = find_memory_state(checkpoint)
+    if state.get("kind") == "answer":
+        raise ValueError(
+            f"the memory in {source} counts final answers (--algo.meds.feature answer): this report draws "
+            "layer-logit clusters; the counts are the state's 'answers'"
+        )
     memory = ErrorMemory()
     memory.load_state_dict(dict(state))
     config = MEDSConfig(**{k: v for k, v in state.get("config", {}).items() if k in MEDSConfig.field_names()})
