@@ -180,6 +180,22 @@ def test_a_head_address_on_loopback_is_refused_for_several_nodes(tmp_path, stubs
     assert status == 2 and "HEAD_IP" in err and calls(tmp_path, "srun") == []
 
 
+def test_cpu_mode_must_be_0_or_1(tmp_path, stubs):
+    status, _, err = run(tmp_path, stubs, MEDS_CPU="yes")
+    assert status == 2 and "MEDS_CPU must be 0 or 1" in err and calls(tmp_path) == []
+
+
+def test_cpu_mode_skips_the_cuda_check_declares_cpu_resources_and_runs_the_tiny_recipe(tmp_path, stubs):
+    status, _, err = run(tmp_path, stubs, MEDS_CPU="1", SAVE_DIR=str(tmp_path / "run"))
+    assert status == 0, err
+    (python,) = calls(tmp_path, "python3")  # the CPU recipe's, and no CUDA probe
+    assert python["argv"][:3] == ["-m", "meds_patch", "demo"] and python["node"] == "gpu-a"
+    assert option(python["argv"], "--nodes") == "2" and option(python["argv"], "--save") == str(tmp_path / "run")
+    assert option(python["argv"], "--address") == "http://127.0.0.1:8265"
+    for start_call in calls(tmp_path, "ray", "symmetric-run"):
+        assert option(start_call["argv"], "--num-gpus") == "2" and option(start_call["argv"], "--num-cpus") == "8"
+
+
 # ── Ray start-up and the recipe ──
 
 
