@@ -42,6 +42,8 @@ def bystander():
 
 @pytest.fixture(scope="module")
 def slurm(bystander):
+    # A cluster left behind by an interrupted run of these tests goes first (stop ends only what its start began).
+    subprocess.run(["bash", str(LOCAL_SLURM), "stop"], check=True, timeout=300)
     subprocess.run(["bash", str(LOCAL_SLURM), "start", "2"], check=True, timeout=600)
     try:
         yield
