@@ -107,6 +107,8 @@ cleanup() {
         kill -KILL "$run_pid" 2>/dev/null || true
     fi
     # Slurm ends the processes of finished job steps, but daemons that `ray start` detached can outlive them.
+    # `ray stop --force` ends every Ray process a node runs: right on nodes this job holds alone (--exclusive
+    # above), wrong on a node shared with someone else's Ray.
     echo "$(date '+%F %T') stopping Ray on all $NUM_NODES nodes"
     srun --overlap --nodes="$NUM_NODES" --ntasks-per-node=1 bash -c 'eval "$ENV_SETUP" && ray stop --force' || true
     rm -rf "$status_dir"
