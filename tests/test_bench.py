@@ -46,6 +46,14 @@ def test_collapse_ablation_quick_mode_writes_its_table_and_plot(tmp_path):
     assert (tmp_path / "collapse_ablation_quick.png").stat().st_size > 0
 
 
+def test_collapse_experiment_quick_mode_evaluates_before_and_after_training(tmp_path):
+    # One episode of the control arm through train_ppo_ray, with the offline vLLM evaluations around it: the
+    # pipeline, not the result.
+    out = run("bench/collapse_experiment.py", "--quick", "--results", str(tmp_path))
+    assert "| step 0 (offline) |" in out and "| end (offline) |" in out
+    assert (tmp_path / "collapse_experiment_quick.json").stat().st_size > 0
+
+
 def test_step_overhead_charges_py_spy_samples_to_the_memory_parts(tmp_path):
     # The whole bench takes about 20 minutes (BENCHMARKS.md); here its attribution, on real py-spy samples of a
     # process that runs ErrorMemory updates: the critical-path update and the background re-clustering.

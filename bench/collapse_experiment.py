@@ -1,0 +1,358 @@
+"""A control that collapses: MEDS against DAPO on two families of sums where one rewarded step is wrong for the other.
+
+PROTOCOL (DRAFT, written before the full run, after the pilots in bench/results/collapse_pilots.md)
+
+Task       Two-digit sums a + b whose tens do not overflow (tens digits 1..8 summing to <= 8), in two families:
+           "carry" (units sum >= 10, 1260 questions) and "nocarry" (units sum <= 9, 1008 questions). A response
+           reasons in two steps and boxes the sum: " 7 + 8 = 15, carry 1. 4 + 3 + 1 = 8. So the answer is
+           \\boxed{85}." and " 3 + 4 = 7. 2 + 5 = 7. So the answer is \\boxed{77}."
+Model      The project's tiny Qwen2 (4 blocks, hidden 64), fine-tuned by our code on every question of both families,
+           8 solutions each, drawn per family from SFT_MIX: the carry family partly drops its carry, the nocarry
+           family partly adds a spurious one ("3 + 4 = 7, carry 1. 2 + 5 + 1 = 8", boxed a + b + 10).
+Data       Training: TRAIN_SIZES questions per family (the carry family the majority), revisited every episode;
+           held out: HELDOUT_SIZES other questions per family, each labelled with its family (upstream's
+           `datasource`, so its evaluation logs pass@1 and pass@n per family).
+Mechanism  Reinforcing ", carry 1" on the majority family spreads the carry into the minority, where it is wrong;
+           minority questions then go all-wrong, DAPO's dynamic filtering drops them, and nothing pushes back.
+Arms       All DAPO (group-normalised advantages, dynamic filtering of all-right/all-wrong groups, clip-higher
+           0.2/0.28, token-mean loss, no KL), 8 prompts x 8 rollouts a step, temperature 1, Adam lr 1e-3 constant,
+           3 episodes of the 64 training questions (10-17 steps: dynamic filtering replaces dropped questions),
+           the arm's flags on top
+           (ARMS): control `--meds --algo.meds.alpha 0`; MEDS's layer-logit features at alpha 0.05, 0.1, 0.2; MEDS
+           with the answer-identity memory (`--algo.meds.feature answer`, alpha 0.1); positive control: an entropy
+           bonus (`--actor.entropy_coef`, MEDS at alpha 0 for the same diagnostics; NOT SETTLED: 0.01 did not
+           beat the control in pilots 1-2).
+Seeds      0, 1, 2, the same `--train.seed` in every arm (it also seeds vLLM: engine seed = train seed + index).
+           NOT paired: in pilot 1 two arms at alpha 0 with the same seed had different step-1 rollouts (train
+           reward 0.406 vs 0.328), so arms are compared as samples of seeds, not seed by seed.
+Metrics    Held out, n = N_EVAL samples a question at temperature 1: before training (step 0, sampled here with
+           vLLM offline from the fine-tuned model, the trainer's sampling settings), at every EVAL_STEPS steps
+           (the trainer's own evaluation) and after the last step (vLLM offline from the saved model): unbiased
+           pass@1..pass@n overall and per family; per family, the dominant-wrong share (per question, the share
+           of its n samples giving its most frequent wrong answer, averaged over the family's questions) and the
+           share of samples that are the spurious carry (a + b + 10). Per step: train/reward,
+           train/meds/penalty_mean, train/meds/wrong_answers_distinct_per_question, policy entropy
+           (train/entropy_loss), and train/meds/cluster_answer_rank_correlation, train/meds/noise_vote_share
+           where the run logs them.
+Collapse   An arm collapsed if held-out pass@n (overall) after training is >= 0.10 below step 0, or if a family's
+           dominant-wrong share after training is > 0.5.
+Decision   (to be fixed before the full run) per seed, arm - control of the final pass@n and of the minority's
+           dominant-wrong share; an arm "helps" if all 3 seeds agree in sign and the mean passes a threshold set
+           from the pilots' seed-to-seed spread.
+
+    python bench/collapse_experiment.py --pilot control --seed 0   # one run, its numbers printed and saved
+    python bench/collapse_experiment.py                            # every arm x seed (the full run)
+    python bench/collapse_experiment.py --quick                    # the pipeline, in a couple of minutes
+
+Results: bench/results/collapse_experiment[_pilot-ARM-SEED|_quick].json.
+"""
+
+import argparse
+import collections
+import hashlib
+import inspect
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from meds_patch.core.metrics import pass_at_k
+from meds_patch.cpu.demo import CPU_ENV, REWARD_FUNC, LocalRayCluster, submit
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+SFT_MIX = {
+    "carry": (("right", 0.50), ("dropped_carry", 0.35), ("units_slip", 0.15)),
+    "nocarry": (("right", 0.50), ("spurious_carry", 0.50)),
+}
+TRAIN_SIZES = {"carry": 48, "nocarry": 16}
+HELDOUT_SIZES = {"carry": 16, "nocarry": 16}
+N_EVAL, EVAL_STEPS, MAX_NEW_TOKENS = 16, 8, 48
+DAPO_META = ["--meds", "--algo.meds.num_layers", "4"]
+ARMS = {
+    "control": DAPO_META + ["--algo.meds.alpha", "0"],
+    "meds-0.05": DAPO_META + ["--algo.meds.alpha", "0.05"],
+    "meds-0.1": DAPO_META + ["--algo.meds.alpha", "0.1"],
+    "meds-0.2": DAPO_META + ["--algo.meds.alpha", "0.2"],
+    "meds-answer-0.1": DAPO_META + ["--algo.meds.alpha", "0.1", "--algo.meds.feature", "answer"],
+    "entropy": DAPO_META + ["--algo.meds.alpha", "0", "--actor.entropy_coef", "0.01"],
+}
+TRAIN_TAGS = (
+    "train/reward", "train/meds/penalty_mean", "train/meds/wrong_answers_distinct_per_question",
+    "train/entropy_loss", "train/meds/cluster_answer_rank_correlation", "train/meds/noise_vote_share",
+    "train/response_length",
+)  # fmt: skip
+
+
+def questions(family):
+    return [
+        (10 * a1 + a0, 10 * b1 + b0)
+        for a1 in range(1, 9) for b1 in range(1, 9) if a1 + b1 <= 8
+        for a0 in range(1, 10) for b0 in range(1, 10) if (a0 + b0 >= 10) == (family == "carry")
+    ]  # fmt: skip
+
+
+def solution(a: int, b: int, mode: str) -> str:
+    units, tens = a % 10 + b % 10, a // 10 + b // 10
+    carry = mode in ("right", "units_slip", "spurious_carry") if units >= 10 else mode == "spurious_carry"
+    shown = units + (mode == "units_slip")
+    steps = (
+        f"{shown}, carry 1. {a // 10} + {b // 10} + 1 = {tens + 1}"
+        if carry
+        else f"{shown}. {a // 10} + {b // 10} = {tens}"
+    )
+    total = 10 * (tens + carry) + shown % 10
+    return f" {a % 10} + {b % 10} = {steps}. So the answer is \\boxed{{{total}}}."
+
+
+def task_model(stages=(1200,)) -> str:
+    """The fine-tuned model's folder. Stage i trains stage i - 1's model ``stages[i]`` more steps with a fresh
+    optimizer (seed i); each stage is cached by the source of what builds it and the stages so far."""
+    from transformers import AutoModelForCausalLM
+
+    from meds_patch.cpu.tiny_math import PROMPT, cache_root, fine_tune, tiny_model, tiny_tokenizer
+
+    rng = random.Random(0)
+    corpus = []
+    for family, mix in SFT_MIX.items():
+        modes, weights = zip(*mix)
+        corpus += [PROMPT.format(a=a, b=b) + solution(a, b, rng.choices(modes, weights)[0])
+                   for a, b in questions(family) for _ in range(8)]  # fmt: skip
+    recipe = [inspect.getsource(f) for f in (questions, solution, task_model, fine_tune, tiny_model)]
+    previous = None
+    for i in range(len(stages)):
+        key = hashlib.sha256(repr((recipe, SFT_MIX, PROMPT, stages[: i + 1])).encode()).hexdigest()[:12]
+        target = os.path.join(cache_root(), f"twofamily-qwen2-{key}")
+        if not os.path.isdir(target):
+            tokenizer = tiny_tokenizer()
+            tokenizer.padding_side = "right"
+            model = tiny_model(tokenizer) if previous is None else AutoModelForCausalLM.from_pretrained(previous)
+            fine_tune(model, tokenizer, stages[i], batch_size=32, seed=i, corpus=corpus)
+            tokenizer.padding_side = "left"
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            os.makedirs(cache_root(), exist_ok=True)
+            staging = tempfile.mkdtemp(dir=cache_root())  # renamed into place: no half-built model is ever cached
+            model.eval().save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            try:
+                os.rename(staging, target)
+            except OSError:
+                shutil.rmtree(staging, ignore_errors=True)
+        previous = target
+    return previous
+
+
+def split():
+    """Per family, seeded: the training questions and the disjoint held-out ones, as (a, b, family)."""
+    train, heldout = [], []
+    for family in SFT_MIX:
+        pairs = questions(family)
+        random.Random(0).shuffle(pairs)
+        train += [(a, b, family) for a, b in pairs[: TRAIN_SIZES[family]]]
+        heldout += [(a, b, family) for a, b in pairs[TRAIN_SIZES[family] :][: HELDOUT_SIZES[family]]]
+    random.Random(1).shuffle(train)  # families interleaved, so no batch is one family by construction
+    return train, heldout
+
+
+def write_jsonl(path, items):
+    from meds_patch.cpu.tiny_math import PROMPT
+
+    with open(path, "w") as fh:
+        for a, b, family in items:
+            fh.write(json.dumps({"prompt": PROMPT.format(a=a, b=b), "label": str(a + b), "datasource": family}) + "\n")
+    return path
+
+
+def sample_offline(model, heldout_path, out_path, seed):
+    """Run in a process of its own (vLLM's engine and its OpenMP threads leave with it): n samples a held-out
+    question with the trainer's sampling settings, their last boxed answers and grades, written to ``out_path``."""
+    from vllm import LLM, SamplingParams
+
+    from meds_patch.core.answers import last_boxed_answer
+    from meds_patch.tools.math_reward import judge
+
+    rows = [json.loads(line) for line in open(heldout_path)]
+    llm = LLM(model=model, enforce_eager=True, dtype="bfloat16", seed=seed, gpu_memory_utilization=0.5)
+    params = SamplingParams(n=N_EVAL, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=MAX_NEW_TOKENS, min_tokens=1,
+                            skip_special_tokens=False)  # fmt: skip
+    outputs = llm.generate([row["prompt"] for row in rows], params)
+    result = []
+    for row, output in zip(rows, outputs):
+        answers = [last_boxed_answer(c.text) for c in output.outputs]
+        correct, _ = judge(answers, [row["label"]] * len(answers))
+        result.append({**row, "answers": answers, "correct": [bool(c) for c in correct]})
+    with open(out_path, "w") as fh:
+        json.dump(result, fh)
+
+
+def offline_eval(model, heldout_path, out_path, seed):
+    if os.path.exists(out_path):  # a --work folder reused: the samples are already there
+        return score(json.load(open(out_path)))
+    command = [sys.executable, os.path.abspath(__file__), "--sample", model, heldout_path, out_path, str(seed)]
+    with open(out_path + ".log", "w") as log:
+        subprocess.run(command, env={**os.environ, **CPU_ENV}, stdout=log, stderr=subprocess.STDOUT, check=True)
+    return score(json.load(open(out_path)))
+
+
+def score(rows):
+    """Unbiased pass@k overall and per family, and per family the dominant-wrong and spurious-carry shares."""
+    ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= N_EVAL]
+    report = {}
+    for family in [None, *SFT_MIX]:
+        picked = [r for r in rows if family is None or r["datasource"] == family]
+        entry = {f"pass@{k}": sum(pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in picked) / len(picked)
+                 for k in ks}  # fmt: skip
+        if family:
+            dominant, spurious = [], []
+            for r in picked:
+                wrong = collections.Counter(a for a, c in zip(r["answers"], r["correct"]) if not c)
+                dominant.append(max(wrong.values(), default=0) / len(r["answers"]))
+                spurious.append(sum(a == str(int(r["label"]) + 10) for a in r["answers"]) / len(r["answers"]))
+            entry["dominant_wrong_share"] = sum(dominant) / len(dominant)
+            entry["spurious_carry_share"] = sum(spurious) / len(spurious)
+        report[family or "all"] = entry
+    return report
+
+
+def run_args(model, folder, seed, arm, episodes, lr):
+    return [
+        "--actor.model_name_or_path", model, "--reward.remote_url", REWARD_FUNC,
+        "--data.prompt_dataset", os.path.join(folder, "..", "train.jsonl"),
+        "--data.input_key", "prompt", "--data.label_key", "label",
+        "--eval.dataset", os.path.join(folder, "..", "heldout.jsonl"), "--eval.steps", str(EVAL_STEPS),
+        "--eval.n_samples_per_prompt", str(N_EVAL), "--eval.temperature", "1.0",
+        "--data.max_len", "160", "--rollout.max_new_tokens", str(MAX_NEW_TOKENS),
+        "--actor.num_nodes", "1", "--actor.num_gpus_per_node", "1",
+        "--vllm.num_engines", "1", "--vllm.tensor_parallel_size", "1", "--vllm.gpu_memory_utilization", "0.5",
+        # CPU: no CUDA graphs, gloo weight sync, plain attention (flash-attention 2 has no CPU kernel).
+        "--vllm.enforce_eager", "--vllm.sync_backend", "gloo", "--ds.attn_implementation", "sdpa",
+        "--ds.zero_stage", "2", "--ds.param_dtype", "bf16",
+        # DAPO: group-normalised advantages, dynamic filtering, clip-higher, token-mean, no KL.
+        "--algo.advantage.estimator", "group_norm", "--algo.kl.init_coef", "0",
+        "--algo.dynamic_filtering_enable", "--algo.dynamic_filtering_range", "0", "1",
+        "--actor.eps_clip_low_high", "0.2", "0.28", "--actor.loss_agg_mode", "token-mean",
+        "--actor.entropy_coef", "0",  # entropy logged, not trained on (the entropy arm overrides it: last wins)
+        "--rollout.batch_size", "8", "--rollout.n_samples_per_prompt", "8", "--rollout.micro_batch_size", "16",
+        "--train.batch_size", "64", "--train.micro_batch_size", "16", "--rollout.temperature", "1.0",
+        "--train.num_episodes", str(episodes), "--train.seed", str(seed),
+        "--actor.adam.lr", str(lr), "--actor.lr_scheduler", "constant",
+        "--ckpt.path", os.path.join(folder, "ckpt"), "--ckpt.output_dir", os.path.join(folder, "model"),
+        "--logger.tensorboard_dir", os.path.join(folder, "tensorboard"), "--logger.wandb.run_name", "collapse",
+    ] + ARMS[arm]  # fmt: skip
+
+
+def series(tensorboard_dir):
+    """{tag: {step: value}} of every scalar the run logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for folder, _, files in os.walk(tensorboard_dir):
+        if any(f.startswith("events.out.tfevents") for f in files):
+            events = EventAccumulator(folder, size_guidance={"scalars": 0}).Reload()
+            for tag in events.Tags()["scalars"]:
+                for event in events.Scalars(tag):
+                    values.setdefault(tag, {})[event.step] = event.value
+    return values
+
+
+def describe(arm, seed, run):
+    """The pilot log's lines for one run: held-out values at step 0, each evaluation and the end; per-step train."""
+    lines = [f"### {arm}, seed {seed}: {run['wall_seconds']:.0f} s, {len(run['train']['train/reward'])} steps", ""]
+    ks = [k for k in run["step0"]["all"] if k.startswith("pass@")]
+    lines += ["| held out | " + " | ".join(ks) + " | carry pass@n | nocarry pass@n | carry dom. wrong | "
+              "nocarry dom. wrong | nocarry +10 share |", "|---" * (len(ks) + 6) + "|"]  # fmt: skip
+    n = ks[-1]
+    for label, r in (("step 0 (offline)", run["step0"]), ("end (offline)", run["final"])):
+        cells = [r["all"][k] for k in ks] + [r["carry"][n], r["nocarry"][n], r["carry"]["dominant_wrong_share"]]
+        cells += [r["nocarry"]["dominant_wrong_share"], r["nocarry"]["spurious_carry_share"]]
+        lines.append(f"| {label} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    evals = run["eval"]
+    for step in sorted(evals.get("eval/eval_unbiased_pass@1", {})):
+        cells = [f"{evals.get(f'eval/eval_unbiased_{k}', {}).get(step, float('nan')):.3f}" for k in ks]
+        fam = [evals.get(f"eval/eval_{f}_pass{N_EVAL}", {}).get(step, float("nan")) for f in SFT_MIX]
+        lines.append(f"| step {step} (trainer) | " + " | ".join(cells) + f" | {fam[0]:.3f} | {fam[1]:.3f} | | | |")
+    lines += [
+        "",
+        "| step | " + " | ".join(t.split("/")[-1] for t in TRAIN_TAGS) + " |",
+        "|---" * (len(TRAIN_TAGS) + 1) + "|",
+    ]
+    for step in sorted(run["train"]["train/reward"]):
+        cells = [run["train"].get(t, {}).get(step) for t in TRAIN_TAGS]
+        lines.append(f"| {step} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pilot", choices=list(ARMS), nargs="+", help="only these arms (with --seed)")
+    parser.add_argument("--seed", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--episodes", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=1e-3)  # 3e-4 did not collapse the control (pilot 1)
+    parser.add_argument("--quick", action="store_true", help="control only, 1 seed, 1 episode: a smoke test")
+    parser.add_argument("--work", default=None, help="folder for the runs (default: a temporary one, removed)")
+    parser.add_argument("--results", default=RESULTS, help="where the JSON goes (default: bench/results)")
+    parser.add_argument("--tag", default=None, help="suffix of the results file (default from the mode)")
+    parser.add_argument("--sample", nargs=4, metavar=("MODEL", "HELDOUT", "OUT", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.sample:
+        return sample_offline(*args.sample[:3], int(args.sample[3]))
+    arms = args.pilot or list(ARMS)
+    if args.quick:
+        arms, args.seed, args.episodes = ["control"], [0], 1
+    suffix = args.tag or ("_quick" if args.quick else f"_pilot-{'-'.join(arms)}-{'-'.join(map(str, args.seed))}"
+                          if args.pilot else "")  # fmt: skip
+    start = time.time()
+    print("preparing the fine-tuned model (cached after the first time) ...", flush=True)
+    model = task_model()
+    work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="meds-collapse-"))
+    os.makedirs(work, exist_ok=True)
+    train, heldout = split()
+    write_jsonl(os.path.join(work, "train.jsonl"), train)
+    heldout_path = write_jsonl(os.path.join(work, "heldout.jsonl"), heldout)
+    runs, step0 = {}, {}
+    try:
+        for seed in args.seed:
+            # The step-0 evaluation depends only on the model, the held-out set and the seed: once per seed.
+            print(f"[{time.time() - start:.0f} s] step-0 evaluation, seed {seed} ...", flush=True)
+            step0[seed] = offline_eval(model, heldout_path, os.path.join(work, f"step0-{seed}.json"), seed)
+            print(json.dumps(step0[seed]), flush=True)
+        with LocalRayCluster(env=CPU_ENV) as cluster:
+            for seed in args.seed:
+                for arm in arms:
+                    folder = os.path.join(work, f"{arm}-{seed}")
+                    os.makedirs(folder, exist_ok=True)
+                    print(f"[{time.time() - start:.0f} s] {arm}, seed {seed} ...", flush=True)
+                    began = time.time()
+                    argv = run_args(model, folder, seed, arm, args.episodes, args.lr)
+                    if submit(cluster, argv, os.path.join(folder, "job.log"), on_line=lambda line: None) != 0:
+                        raise SystemExit(f"the {arm} run of seed {seed} failed: see {folder}/job.log")
+                    wall = time.time() - began
+                    values = series(os.path.join(folder, "tensorboard"))
+                    runs[(arm, seed)] = {
+                        "wall_seconds": wall,
+                        "train": {t: values[t] for t in TRAIN_TAGS if t in values},
+                        "eval": {t: v for t, v in values.items() if t.startswith("eval/")},
+                        "step0": step0[seed],
+                    }
+        for (arm, seed), run in runs.items():
+            final = os.path.join(work, f"{arm}-{seed}", "final.json")
+            run["final"] = offline_eval(os.path.join(work, f"{arm}-{seed}", "model"), heldout_path, final, seed)
+            print(describe(arm, seed, run), flush=True)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(args.results, exist_ok=True)
+    out_json = os.path.join(args.results, f"collapse_experiment{suffix}.json")
+    with open(out_json, "w") as fh:
+        json.dump({"arms": arms, "seeds": args.seed, "episodes": args.episodes, "lr": args.lr,
+                   "sft_mix": SFT_MIX, "train_sizes": TRAIN_SIZES, "heldout_sizes": HELDOUT_SIZES,
+                   "runs": {f"{a}-{s}": r for (a, s), r in runs.items()}}, fh, indent=1)  # fmt: skip
+    print(f"done in {time.time() - start:.0f} s; {out_json}")
+
+
+if __name__ == "__main__":
+    main()
