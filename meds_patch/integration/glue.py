@@ -216,7 +216,8 @@ def start_capture(policy, sequences: torch.Tensor, attention_mask: torch.Tensor,
     if not enabled(args):
         return None
     require_hook_on_every_node()
-    if args.algo.meds.feature == "answer":  # the memory keeps answers: nothing to read from the layers
+    # The memory keeps answers: nothing to read from the layers (hand-made args may lack the flag).
+    if getattr(args.algo.meds, "feature", "layer_logits") == "answer":
         return ForwardCapture(hidden=None)
     stale = getattr(policy, "meds_capture", None)
     if stale is not None:  # left behind by a forward that raised
