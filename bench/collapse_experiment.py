@@ -61,7 +61,7 @@ import tempfile
 import time
 
 from meds_patch.core.metrics import pass_at_k
-from meds_patch.cpu.demo import CPU_ENV, REWARD_FUNC, LocalRayCluster, submit
+from meds_patch.cpu.demo import CPU_ENV, LocalRayCluster, submit
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SFT_MIX = {
@@ -219,30 +219,13 @@ def score(rows):
 
 
 def run_args(model, folder, seed, arm, episodes, lr):
-    return [
-        "--actor.model_name_or_path", model, "--reward.remote_url", REWARD_FUNC,
-        "--data.prompt_dataset", os.path.join(folder, "..", "train.jsonl"),
-        "--data.input_key", "prompt", "--data.label_key", "label",
-        "--eval.dataset", os.path.join(folder, "..", "heldout.jsonl"), "--eval.steps", str(EVAL_STEPS),
-        "--eval.n_samples_per_prompt", str(N_EVAL), "--eval.temperature", "1.0",
-        "--data.max_len", "160", "--rollout.max_new_tokens", str(MAX_NEW_TOKENS),
-        "--actor.num_nodes", "1", "--actor.num_gpus_per_node", "1",
-        "--vllm.num_engines", "1", "--vllm.tensor_parallel_size", "1", "--vllm.gpu_memory_utilization", "0.5",
-        # CPU: no CUDA graphs, gloo weight sync, plain attention (flash-attention 2 has no CPU kernel).
-        "--vllm.enforce_eager", "--vllm.sync_backend", "gloo", "--ds.attn_implementation", "sdpa",
-        "--ds.zero_stage", "2", "--ds.param_dtype", "bf16",
-        # DAPO: group-normalised advantages, dynamic filtering, clip-higher, token-mean, no KL.
-        "--algo.advantage.estimator", "group_norm", "--algo.kl.init_coef", "0",
-        "--algo.dynamic_filtering_enable", "--algo.dynamic_filtering_range", "0", "1",
-        "--actor.eps_clip_low_high", "0.2", "0.28", "--actor.loss_agg_mode", "token-mean",
-        "--actor.entropy_coef", "0",  # entropy logged, not trained on (the entropy arm overrides it: last wins)
-        "--rollout.batch_size", "8", "--rollout.n_samples_per_prompt", "8", "--rollout.micro_batch_size", "16",
-        "--train.batch_size", "64", "--train.micro_batch_size", "16", "--rollout.temperature", "1.0",
-        "--train.num_episodes", str(episodes), "--train.seed", str(seed),
-        "--actor.adam.lr", str(lr), "--actor.lr_scheduler", "constant",
-        "--ckpt.path", os.path.join(folder, "ckpt"), "--ckpt.output_dir", os.path.join(folder, "model"),
-        "--logger.tensorboard_dir", os.path.join(folder, "tensorboard"), "--logger.wandb.run_name", "collapse",
-    ] + ARMS[arm]  # fmt: skip
+    """§5's DAPO run on CPU (collapse_ablation.run_args, the same data layout under ``folder``), with this
+    experiment's evaluation size, learning rate and arm: upstream's parser keeps the last value of a flag."""
+    from collapse_ablation import run_args as dapo_run_args
+
+    overrides = ["--eval.n_samples_per_prompt", str(N_EVAL), "--rollout.max_new_tokens", str(MAX_NEW_TOKENS),
+                 "--actor.adam.lr", str(lr), "--logger.wandb.run_name", "collapse"]  # fmt: skip
+    return dapo_run_args(model, folder, seed, None, episodes, EVAL_STEPS) + overrides + ARMS[arm]
 
 
 def series(tensorboard_dir):
