@@ -1,6 +1,6 @@
 """A control that collapses: MEDS against DAPO on two families of sums where one rewarded step is wrong for the other.
 
-PROTOCOL (DRAFT, written before the full run, after the pilots in bench/results/collapse_pilots.md)
+PROTOCOL (fixed before the full run, after the pilots in bench/results/collapse_pilots.md)
 
 Task       Two-digit sums a + b whose tens do not overflow (tens digits 1..8 summing to <= 8), in two families:
            "carry" (units sum >= 10, 1260 questions) and "nocarry" (units sum <= 9, 1008 questions). A response
@@ -12,33 +12,38 @@ Model      The project's tiny Qwen2 (4 blocks, hidden 64), fine-tuned by our cod
 Data       Training: TRAIN_SIZES questions per family (the carry family the majority), revisited every episode;
            held out: HELDOUT_SIZES other questions per family, each labelled with its family (upstream's
            `datasource`, so its evaluation logs pass@1 and pass@n per family).
-Mechanism  Reinforcing ", carry 1" on the majority family spreads the carry into the minority, where it is wrong;
-           minority questions then go all-wrong, DAPO's dynamic filtering drops them, and nothing pushes back.
 Arms       All DAPO (group-normalised advantages, dynamic filtering of all-right/all-wrong groups, clip-higher
-           0.2/0.28, token-mean loss, no KL), 8 prompts x 8 rollouts a step, temperature 1, Adam lr 1e-3 constant,
-           3 episodes of the 64 training questions (10-17 steps: dynamic filtering replaces dropped questions),
-           the arm's flags on top
-           (ARMS): control `--meds --algo.meds.alpha 0`; MEDS's layer-logit features at alpha 0.05, 0.1, 0.2; MEDS
-           with the answer-identity memory (`--algo.meds.feature answer`, alpha 0.1); positive control: an entropy
-           bonus (`--actor.entropy_coef`, MEDS at alpha 0 for the same diagnostics; NOT SETTLED: 0.01 did not
-           beat the control in pilots 1-2).
+           0.2/0.28, token-mean loss, no KL), 8 prompts x 8 rollouts a step, temperature 1, Adam lr 1e-3 constant
+           (pilot 1: 3e-4 did not collapse the control), 3 episodes of the 64 training questions (10-11 steps:
+           dynamic filtering replaces dropped questions), the arm's flags on top (ARMS; the full run: FULL_RUN):
+           control `--meds --algo.meds.alpha 0` (penalty 0, the same diagnostics); MEDS's layer-logit features at
+           alpha 0.05, 0.1, 0.2; MEDS with the answer-identity memory (`--algo.meds.feature answer`, alpha 0.1);
+           the positive control POSITIVE, chosen in pilot 3 (an entropy bonus of 0.01 did not beat the control in
+           pilots 1-2), with MEDS at alpha 0 for the same diagnostics.
 Seeds      0, 1, 2, the same `--train.seed` in every arm (it also seeds vLLM: engine seed = train seed + index).
-           NOT paired: in pilot 1 two arms at alpha 0 with the same seed had different step-1 rollouts (train
-           reward 0.406 vs 0.328), so arms are compared as samples of seeds, not seed by seed.
+           NOT paired: two alpha-0 arms with the same seed had different step-1 rollouts (pilots 1-2). Upstream
+           sends every sample to vLLM's AsyncLLMEngine as a request of its own, without a per-request seed, so the
+           random draws a sample gets depend on which requests share an engine step, i.e. on timing. Arms are
+           therefore compared as samples of seeds, not seed by seed.
 Metrics    Held out, n = N_EVAL samples a question at temperature 1: before training (step 0, sampled here with
-           vLLM offline from the fine-tuned model, the trainer's sampling settings), at every EVAL_STEPS steps
+           vLLM offline from the fine-tuned model, the trainer's sampling settings), every EVAL_STEPS steps
            (the trainer's own evaluation) and after the last step (vLLM offline from the saved model): unbiased
            pass@1..pass@n overall and per family; per family, the dominant-wrong share (per question, the share
            of its n samples giving its most frequent wrong answer, averaged over the family's questions) and the
            share of samples that are the spurious carry (a + b + 10). Per step: train/reward,
            train/meds/penalty_mean, train/meds/wrong_answers_distinct_per_question, policy entropy
-           (train/entropy_loss), and train/meds/cluster_answer_rank_correlation, train/meds/noise_vote_share
-           where the run logs them.
-Collapse   An arm collapsed if held-out pass@n (overall) after training is >= 0.10 below step 0, or if a family's
-           dominant-wrong share after training is > 0.5.
-Decision   (to be fixed before the full run) per seed, arm - control of the final pass@n and of the minority's
-           dominant-wrong share; an arm "helps" if all 3 seeds agree in sign and the mean passes a threshold set
-           from the pilots' seed-to-seed spread.
+           (train/entropy_loss), train/meds/cluster_answer_rank_correlation and train/meds/noise_vote_share.
+Outcome    The primary outcome is held-out pass@n (n = 16, overall) after the last step, one value per run.
+           `beats(a, b)`: arm a's mean over seeds exceeds arm b's by at least MIN_EFFECT (0.05) and by at least
+           twice the standard error of the difference (sample variances over the seeds).
+Gates      G1 "the control collapsed": the control's pass@n falls from step 0 to the end by >= 0.10, mean over
+           seeds. (A family's dominant-wrong share > 0.5 is reported, not gated: the minority starts at 0.48-0.54.)
+           G2 "the positive control beat it": beats(POSITIVE, control).
+           G3 "the clusters tracked answers": over the runs of the layer-logit arms, the mean of each run's mean
+           cluster_answer_rank_correlation is >= 0.3 and the mean of its noise_vote_share <= 0.5.
+Verdict    Per MEDS arm, only where G1 and G2 pass (and G3, for a layer-logit arm): "helps" if beats(arm,
+           control), "hurts" if beats(control, arm), otherwise "no effect detected"; else "no verdict". Secondary
+           metrics (pass@1, per family, the shares, entropy, penalties) are reported and not decided on.
 
     python bench/collapse_experiment.py --pilot control --seed 0   # one run, its numbers printed and saved
     python bench/collapse_experiment.py                            # every arm x seed (the full run)
@@ -70,7 +75,7 @@ SFT_MIX = {
 }
 TRAIN_SIZES = {"carry": 48, "nocarry": 16}
 HELDOUT_SIZES = {"carry": 16, "nocarry": 16}
-N_EVAL, EVAL_STEPS, MAX_NEW_TOKENS = 16, 8, 48
+N_EVAL, EVAL_STEPS, MAX_NEW_TOKENS = 16, 2, 48  # an evaluation takes about 4 s (pilot 3)
 DAPO_META = ["--meds", "--algo.meds.num_layers", "4"]
 ARMS = {
     "control": DAPO_META + ["--algo.meds.alpha", "0"],
@@ -79,6 +84,12 @@ ARMS = {
     "meds-0.2": DAPO_META + ["--algo.meds.alpha", "0.2"],
     "meds-answer-0.1": DAPO_META + ["--algo.meds.alpha", "0.1", "--algo.meds.feature", "answer"],
     "entropy": DAPO_META + ["--algo.meds.alpha", "0", "--actor.entropy_coef", "0.01"],
+    "entropy-0.05": DAPO_META + ["--algo.meds.alpha", "0", "--actor.entropy_coef", "0.05"],
+    # GRPO's KL loss to the reference (k3), which needs the reference model: a third (CPU) "GPU" in the cluster.
+    "kl-0.1": DAPO_META + ["--algo.meds.alpha", "0", "--algo.kl.init_coef", "0.1", "--algo.kl.use_loss",
+                           "--algo.kl.estimator", "k3", "--ref.num_gpus_per_node", "1"],  # fmt: skip
+    "kl-1": DAPO_META + ["--algo.meds.alpha", "0", "--algo.kl.init_coef", "1", "--algo.kl.use_loss",
+                         "--algo.kl.estimator", "k3", "--ref.num_gpus_per_node", "1"],  # fmt: skip
 }
 TRAIN_TAGS = (
     "train/reward", "train/meds/penalty_mean", "train/meds/wrong_answers_distinct_per_question",
@@ -269,6 +280,130 @@ def describe(arm, seed, run):
     return "\n".join(lines)
 
 
+MIN_EFFECT = 0.05  # in final held-out pass@n: about 1.6 of the 32 held-out questions
+POSITIVE = "kl-0.1"  # the positive control (pilot 3)
+FULL_RUN = ("control", "meds-0.05", "meds-0.1", "meds-0.2", "meds-answer-0.1", POSITIVE)
+LAYER_ARMS = ("meds-0.05", "meds-0.1", "meds-0.2")
+
+
+def beats(a, b):
+    """The protocol's comparison of two arms' per-seed values (unpaired): the difference of their means is at
+    least MIN_EFFECT and at least twice its standard error (sample variances, one seed one sample)."""
+    n, m = len(a), len(b)
+    mean_a, mean_b = sum(a) / n, sum(b) / m
+    var_a = sum((x - mean_a) ** 2 for x in a) / (n - 1)
+    var_b = sum((x - mean_b) ** 2 for x in b) / (m - 1)
+    return mean_a - mean_b >= max(MIN_EFFECT, 2 * (var_a / n + var_b / m) ** 0.5)
+
+
+def summarise(result, out_png):
+    """The report: per arm the final values (mean [min, max] over seeds), the three gates, the verdicts, the plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds, runs = result["seeds"], result["runs"]
+    arms = [a for a in result["arms"] if all(f"{a}-{s}" in runs for s in seeds)]
+    n = f"pass@{N_EVAL}"
+
+    def per_seed(arm, value):
+        return [value(runs[f"{arm}-{s}"]) for s in seeds]
+
+    def tail_mean(run, tag, last=3):  # a per-step train metric, averaged over the run's last steps that logged it
+        points = run["train"].get(tag, {})
+        values = [points[k] for k in sorted(points, key=int)[-last:]]
+        return sum(values) / len(values) if values else float("nan")
+
+    columns = {
+        f"final {n}": lambda r: r["final"]["all"][n],
+        f"{n} drop from step 0": lambda r: r["step0"]["all"][n] - r["final"]["all"][n],
+        "final pass@1": lambda r: r["final"]["all"]["pass@1"],
+        f"carry {n}": lambda r: r["final"]["carry"][n],
+        f"nocarry {n}": lambda r: r["final"]["nocarry"][n],
+        "nocarry dom. wrong": lambda r: r["final"]["nocarry"]["dominant_wrong_share"],
+        "nocarry +10 share": lambda r: r["final"]["nocarry"]["spurious_carry_share"],
+        "entropy (last 3 steps)": lambda r: tail_mean(r, "train/entropy_loss"),
+        "penalty (last 3)": lambda r: tail_mean(r, "train/meds/penalty_mean"),
+        "cluster-answer corr. (mean)": lambda r: tail_mean(r, "train/meds/cluster_answer_rank_correlation", 99),
+        "noise vote share (mean)": lambda r: tail_mean(r, "train/meds/noise_vote_share", 99),
+        "steps": lambda r: len(r["train"]["train/reward"]),
+    }
+    lines = [f"Mean [min, max] over seeds {', '.join(map(str, seeds))}; held-out values from the offline evaluation "
+             "after the last step.", "", "| metric | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]  # fmt: skip
+    for label, value in columns.items():
+        cells = []
+        for arm in arms:
+            v = [x for x in per_seed(arm, value) if x == x]
+            cells.append(f"{sum(v) / len(v):.3f} [{min(v):.3f}, {max(v):.3f}]" if v else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    final = {arm: per_seed(arm, columns[f"final {n}"]) for arm in arms}
+    gates = {}
+    if "control" in arms:
+        drops = per_seed("control", columns[f"{n} drop from step 0"])
+        gates["control collapsed"] = sum(drops) / len(drops) >= 0.10
+    if "control" in arms and POSITIVE in arms and len(seeds) > 1:
+        gates["positive control beat it"] = beats(final[POSITIVE], final["control"])
+    layer = [x for arm in LAYER_ARMS if arm in arms for x in per_seed(arm, columns["cluster-answer corr. (mean)"])]
+    noise = [x for arm in LAYER_ARMS if arm in arms for x in per_seed(arm, columns["noise vote share (mean)"])]
+    layer, noise = [x for x in layer if x == x], [x for x in noise if x == x]
+    if layer and noise:
+        gates["clusters tracked answers"] = sum(layer) / len(layer) >= 0.3 and sum(noise) / len(noise) <= 0.5
+    lines += ["", "Gates: " + ("; ".join(f"{g}: {'PASS' if ok else 'FAIL'}" for g, ok in gates.items()) or "none run")]
+    verdicts = {}
+    for arm in arms:
+        if not arm.startswith("meds") or "control" not in arms or len(seeds) < 2:
+            continue
+        needed = ["control collapsed", "positive control beat it"] + (["clusters tracked answers"]
+                                                                       if arm in LAYER_ARMS else [])  # fmt: skip
+        failed = [g for g in needed if not gates.get(g)]
+        if failed:
+            verdicts[arm] = "no verdict (gate not passed: " + ", ".join(failed) + ")"
+        elif beats(final[arm], final["control"]):
+            verdicts[arm] = "helps"
+        elif beats(final["control"], final[arm]):
+            verdicts[arm] = "hurts"
+        else:
+            verdicts[arm] = "no effect detected"
+    lines += ["", "Verdicts: " + ("; ".join(f"{a}: {v}" for a, v in verdicts.items()) or "none")]
+
+    curves = {
+        f"held-out {n} (step 0 and end offline)": ("eval", f"eval/eval_unbiased_{n}", n),
+        "held-out pass@1": ("eval", "eval/eval_unbiased_pass@1", "pass@1"),
+        "train reward": ("train", "train/reward", None),
+        "policy entropy": ("train", "train/entropy_loss", None),
+        "mean penalty": ("train", "train/meds/penalty_mean", None),
+        "cluster-answer rank correlation": ("train", "train/meds/cluster_answer_rank_correlation", None),
+    }
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    colors = dict(zip(dict.fromkeys(FULL_RUN + tuple(ARMS)), plt.cm.tab10.colors + plt.cm.Dark2.colors))
+    for ax, (label, (kind, tag, k)) in zip(axes.flat, curves.items()):
+        for arm in arms:
+            tables = []
+            for s in seeds:
+                run = runs[f"{arm}-{s}"]
+                points = {int(step): v for step, v in run[kind].get(tag, {}).items()}
+                if k:  # evaluations: the offline ones at step 0 and after the last step around the trainer's
+                    points[0] = run["step0"]["all"][k]
+                    points[len(run["train"]["train/reward"])] = run["final"]["all"][k]
+                tables.append(points)
+            common = sorted(set.intersection(*(set(t) for t in tables)))
+            if common:
+                mean = [sum(t[i] for t in tables) / len(tables) for i in common]
+                ax.plot(common, mean, marker="o" if k else None, color=colors[arm], label=arm)
+                ax.fill_between(common, [min(t[i] for t in tables) for i in common],
+                                [max(t[i] for t in tables) for i in common], color=colors[arm], alpha=0.15)  # fmt: skip
+        ax.set_title(label)
+        ax.set_xlabel("step")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"DAPO on two families of sums, lr {result['lr']}: mean over seeds {seeds}, band min-max")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=80)
+    plt.close(fig)
+    return "\n".join(lines), gates, verdicts
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pilot", choices=list(ARMS), nargs="+", help="only these arms (with --seed)")
@@ -279,11 +414,16 @@ def main():
     parser.add_argument("--work", default=None, help="folder for the runs (default: a temporary one, removed)")
     parser.add_argument("--results", default=RESULTS, help="where the JSON goes (default: bench/results)")
     parser.add_argument("--tag", default=None, help="suffix of the results file (default from the mode)")
+    parser.add_argument("--report", metavar="JSON", help="only summarise a results file (and redraw its plot)")
     parser.add_argument("--sample", nargs=4, metavar=("MODEL", "HELDOUT", "OUT", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sample:
         return sample_offline(*args.sample[:3], int(args.sample[3]))
-    arms = args.pilot or list(ARMS)
+    if args.report:
+        result = json.load(open(args.report))
+        print(summarise(result, args.report[: -len(".json")] + ".png")[0])
+        return
+    arms = args.pilot or list(FULL_RUN)
     if args.quick:
         arms, args.seed, args.episodes = ["control"], [0], 1
     suffix = args.tag or ("_quick" if args.quick else f"_pilot-{'-'.join(arms)}-{'-'.join(map(str, args.seed))}"
@@ -303,7 +443,7 @@ def main():
             print(f"[{time.time() - start:.0f} s] step-0 evaluation, seed {seed} ...", flush=True)
             step0[seed] = offline_eval(model, heldout_path, os.path.join(work, f"step0-{seed}.json"), seed)
             print(json.dumps(step0[seed]), flush=True)
-        with LocalRayCluster(env=CPU_ENV) as cluster:
+        with LocalRayCluster(env=CPU_ENV, num_gpus=3) as cluster:
             for seed in args.seed:
                 for arm in arms:
                     folder = os.path.join(work, f"{arm}-{seed}")
@@ -311,9 +451,14 @@ def main():
                     print(f"[{time.time() - start:.0f} s] {arm}, seed {seed} ...", flush=True)
                     began = time.time()
                     argv = run_args(model, folder, seed, arm, args.episodes, args.lr)
-                    if submit(cluster, argv, os.path.join(folder, "job.log"), on_line=lambda line: None) != 0:
+                    if os.path.exists(os.path.join(folder, "wall_seconds")):  # a --work folder reused: ran already
+                        wall = float(open(os.path.join(folder, "wall_seconds")).read())
+                    elif submit(cluster, argv, os.path.join(folder, "job.log"), on_line=lambda line: None) != 0:
                         raise SystemExit(f"the {arm} run of seed {seed} failed: see {folder}/job.log")
-                    wall = time.time() - began
+                    else:
+                        wall = time.time() - began
+                        with open(os.path.join(folder, "wall_seconds"), "w") as fh:
+                            fh.write(str(wall))
                     values = series(os.path.join(folder, "tensorboard"))
                     runs[(arm, seed)] = {
                         "wall_seconds": wall,
@@ -330,10 +475,16 @@ def main():
             shutil.rmtree(work, ignore_errors=True)
     os.makedirs(args.results, exist_ok=True)
     out_json = os.path.join(args.results, f"collapse_experiment{suffix}.json")
+    result = {"arms": arms, "seeds": args.seed, "episodes": args.episodes, "lr": args.lr, "sft_mix": SFT_MIX,
+              "train_sizes": TRAIN_SIZES, "heldout_sizes": HELDOUT_SIZES,
+              "runs": {f"{a}-{s}": r for (a, s), r in runs.items()}}  # fmt: skip
+    # Through JSON first, so the report of a finished run and of a reloaded one read the same keys.
+    result = json.loads(json.dumps(result))
+    report, result["gates"], result["verdicts"] = summarise(result, out_json[: -len(".json")] + ".png")
+    result["report"] = report
+    print(report, flush=True)
     with open(out_json, "w") as fh:
-        json.dump({"arms": arms, "seeds": args.seed, "episodes": args.episodes, "lr": args.lr,
-                   "sft_mix": SFT_MIX, "train_sizes": TRAIN_SIZES, "heldout_sizes": HELDOUT_SIZES,
-                   "runs": {f"{a}-{s}": r for (a, s), r in runs.items()}}, fh, indent=1)  # fmt: skip
+        json.dump(result, fh, indent=1)
     print(f"done in {time.time() - start:.0f} s; {out_json}")
 
 

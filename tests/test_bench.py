@@ -47,11 +47,25 @@ def test_collapse_ablation_quick_mode_writes_its_table_and_plot(tmp_path):
 
 
 def test_collapse_experiment_quick_mode_evaluates_before_and_after_training(tmp_path):
-    # One episode of the control arm through train_ppo_ray, with the offline vLLM evaluations around it: the
-    # pipeline, not the result.
+    # One episode of the control arm through train_ppo_ray, with the offline vLLM evaluations around it, and the
+    # report: the pipeline, not the result.
     out = run("bench/collapse_experiment.py", "--quick", "--results", str(tmp_path))
     assert "| step 0 (offline) |" in out and "| end (offline) |" in out
+    assert "| final pass@16 |" in out and "Gates: control collapsed:" in out
     assert (tmp_path / "collapse_experiment_quick.json").stat().st_size > 0
+    assert (tmp_path / "collapse_experiment_quick.png").stat().st_size > 0
+
+
+def test_an_arm_beats_another_by_the_minimum_effect_and_two_standard_errors():
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    from collapse_experiment import beats
+
+    control = [0.5, 0.5, 0.5]
+    assert beats([0.6, 0.6, 0.6], control)  # +0.10, no spread
+    assert not beats([0.54, 0.54, 0.54], control)  # +0.04 < 0.05, however steady
+    # +0.10, but the standard error is sqrt(0.04 / 3) = 0.115: twice it is more than the difference
+    assert not beats([0.4, 0.6, 0.8], control)
+    assert not beats(control, [0.6, 0.6, 0.6])
 
 
 def test_step_overhead_charges_py_spy_samples_to_the_memory_parts(tmp_path):
