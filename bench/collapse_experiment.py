@@ -14,12 +14,14 @@ Data       Training: TRAIN_SIZES questions per family (the carry family the majo
            `datasource`, so its evaluation logs pass@1 and pass@n per family).
 Arms       All DAPO (group-normalised advantages, dynamic filtering of all-right/all-wrong groups, clip-higher
            0.2/0.28, token-mean loss, no KL), 8 prompts x 8 rollouts a step, temperature 1, Adam lr 1e-3 constant
-           (pilot 1: 3e-4 did not collapse the control), 3 episodes of the 64 training questions (10-11 steps:
-           dynamic filtering replaces dropped questions), the arm's flags on top (ARMS; the full run: FULL_RUN):
+           (pilot 1: 3e-4 did not collapse the control; pilots 2-3: 1e-3 did, in both seeds), 3 episodes of the
+           64 training questions (9-17 steps: dynamic filtering replaces dropped questions), the arm's flags on
+           top (ARMS; the full run: FULL_RUN, 6 arms x 3 seeds; the other arms are the pilots'):
            control `--meds --algo.meds.alpha 0` (penalty 0, the same diagnostics); MEDS's layer-logit features at
            alpha 0.05, 0.1, 0.2; MEDS with the answer-identity memory (`--algo.meds.feature answer`, alpha 0.1);
-           the positive control POSITIVE, chosen in pilot 3 (an entropy bonus of 0.01 did not beat the control in
-           pilots 1-2), with MEDS at alpha 0 for the same diagnostics.
+           the positive control POSITIVE = GRPO's KL loss to the reference model (k3, coefficient 0.1), with MEDS
+           at alpha 0 for the same diagnostics: in pilot 3 (seed 1) it ended at pass@16 0.469 where the control
+           fell to 0.344; entropy bonuses of 0.01 (pilots 1-2) and 0.05 (pilot 3, 0.312) did not beat the control.
 Seeds      0, 1, 2, the same `--train.seed` in every arm (it also seeds vLLM: engine seed = train seed + index).
            NOT paired: two alpha-0 arms with the same seed had different step-1 rollouts (pilots 1-2). Upstream
            sends every sample to vLLM's AsyncLLMEngine as a request of its own, without a per-request seed, so the
@@ -37,7 +39,9 @@ Outcome    The primary outcome is held-out pass@n (n = 16, overall) after the la
            `beats(a, b)`: arm a's mean over seeds exceeds arm b's by at least MIN_EFFECT (0.05) and by at least
            twice the standard error of the difference (sample variances over the seeds).
 Gates      G1 "the control collapsed": the control's pass@n falls from step 0 to the end by >= 0.10, mean over
-           seeds. (A family's dominant-wrong share > 0.5 is reported, not gated: the minority starts at 0.48-0.54.)
+           seeds, or the minority's spurious-carry share rises by >= 0.10 (the designed mechanism; at lr 1e-3 the
+           pilots collapsed by broad degradation instead). A family's dominant-wrong share > 0.5 is reported, not
+           gated: the minority starts at 0.48-0.54.
            G2 "the positive control beat it": beats(POSITIVE, control).
            G3 "the clusters tracked answers": over the runs of the layer-logit arms, the mean of each run's mean
            cluster_answer_rank_correlation is >= 0.3 and the mean of its noise_vote_share <= 0.5.
@@ -323,6 +327,8 @@ def summarise(result, out_png):
         f"nocarry {n}": lambda r: r["final"]["nocarry"][n],
         "nocarry dom. wrong": lambda r: r["final"]["nocarry"]["dominant_wrong_share"],
         "nocarry +10 share": lambda r: r["final"]["nocarry"]["spurious_carry_share"],
+        "nocarry +10 share rise from step 0": lambda r: r["final"]["nocarry"]["spurious_carry_share"]
+        - r["step0"]["nocarry"]["spurious_carry_share"],
         "entropy (last 3 steps)": lambda r: tail_mean(r, "train/entropy_loss"),
         "penalty (last 3)": lambda r: tail_mean(r, "train/meds/penalty_mean"),
         "cluster-answer corr. (mean)": lambda r: tail_mean(r, "train/meds/cluster_answer_rank_correlation", 99),
@@ -330,7 +336,8 @@ def summarise(result, out_png):
         "steps": lambda r: len(r["train"]["train/reward"]),
     }
     lines = [f"Mean [min, max] over seeds {', '.join(map(str, seeds))}; held-out values from the offline evaluation "
-             "after the last step.", "", "| metric | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]  # fmt: skip
+             "after the last step.", "", "| metric | " + " | ".join(arms) + " |",
+             "|---" * (len(arms) + 1) + "|"]  # fmt: skip
     for label, value in columns.items():
         cells = []
         for arm in arms:
@@ -338,11 +345,12 @@ def summarise(result, out_png):
             cells.append(f"{sum(v) / len(v):.3f} [{min(v):.3f}, {max(v):.3f}]" if v else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
-    final = {arm: per_seed(arm, columns[f"final {n}"]) for arm in arms}
+    final = {arm: per_seed(arm, columns[f"final {n}"]) for arm in arms}  # the primary outcome
     gates = {}
     if "control" in arms:
         drops = per_seed("control", columns[f"{n} drop from step 0"])
-        gates["control collapsed"] = sum(drops) / len(drops) >= 0.10
+        rises = per_seed("control", columns["nocarry +10 share rise from step 0"])
+        gates["control collapsed"] = sum(drops) / len(drops) >= 0.10 or sum(rises) / len(rises) >= 0.10
     if "control" in arms and POSITIVE in arms and len(seeds) > 1:
         gates["positive control beat it"] = beats(final[POSITIVE], final["control"])
     layer = [x for arm in LAYER_ARMS if arm in arms for x in per_seed(arm, columns["cluster-answer corr. (mean)"])]
@@ -370,7 +378,7 @@ def summarise(result, out_png):
 
     curves = {
         f"held-out {n} (step 0 and end offline)": ("eval", f"eval/eval_unbiased_{n}", n),
-        "held-out pass@1": ("eval", "eval/eval_unbiased_pass@1", "pass@1"),
+        f"held-out nocarry {n}": ("eval", f"eval/eval_nocarry_pass{N_EVAL}", "nocarry"),
         "train reward": ("train", "train/reward", None),
         "policy entropy": ("train", "train/entropy_loss", None),
         "mean penalty": ("train", "train/meds/penalty_mean", None),
@@ -385,8 +393,9 @@ def summarise(result, out_png):
                 run = runs[f"{arm}-{s}"]
                 points = {int(step): v for step, v in run[kind].get(tag, {}).items()}
                 if k:  # evaluations: the offline ones at step 0 and after the last step around the trainer's
-                    points[0] = run["step0"]["all"][k]
-                    points[len(run["train"]["train/reward"])] = run["final"]["all"][k]
+                    family, key = ("all", k) if k.startswith("pass@") else (k, n)
+                    points[0] = run["step0"][family][key]
+                    points[len(run["train"]["train/reward"])] = run["final"][family][key]
                 tables.append(points)
             common = sorted(set.intersection(*(set(t) for t in tables)))
             if common:
