@@ -432,14 +432,27 @@ def main():
     parser.add_argument("--work", default=None, help="folder for the runs (default: a temporary one, removed)")
     parser.add_argument("--results", default=RESULTS, help="where the JSON goes (default: bench/results)")
     parser.add_argument("--tag", default=None, help="suffix of the results file (default from the mode)")
-    parser.add_argument("--report", metavar="JSON", help="only summarise a results file (and redraw its plot)")
+    parser.add_argument("--report", metavar="JSON", nargs="+",
+                        help="only summarise results files (their common arms, all their seeds) and draw the plot")  # fmt: skip
     parser.add_argument("--sample", nargs=4, metavar=("MODEL", "HELDOUT", "OUT", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sample:
         return sample_offline(*args.sample[:3], int(args.sample[3]))
     if args.report:
-        result = json.load(open(args.report))
-        print(summarise(result, args.report[: -len(".json")] + ".png")[0])
+        results = [json.load(open(path)) for path in args.report]
+        if any(len({repr(r.get(key)) for r in results}) > 1 for key in ("lr", "episodes", "model")):
+            raise SystemExit("--report: the files differ in lr, episodes or model; their runs are not one experiment")
+        if len({k for r in results for k in r["runs"]}) < sum(len(r["runs"]) for r in results):
+            raise SystemExit("--report: the files hold the same arm and seed twice; give each run once")
+        result = {**results[0], "runs": {k: v for r in results for k, v in r["runs"].items()},
+                  "arms": [a for a in results[0]["arms"] if all(a in r["arms"] for r in results)],
+                  "seeds": sorted({s for r in results for s in r["seeds"]})}  # fmt: skip
+        name = (
+            args.report[0]
+            if len(args.report) == 1
+            else os.path.join(args.results, f"collapse_experiment{args.tag or '_combined'}.json")
+        )
+        print(summarise(result, name[: -len(".json")] + ".png")[0])
         return
     arms = args.pilot or list(FULL_RUN)
     if args.quick:
@@ -494,6 +507,7 @@ def main():
     os.makedirs(args.results, exist_ok=True)
     out_json = os.path.join(args.results, f"collapse_experiment{suffix}.json")
     result = {"arms": arms, "seeds": args.seed, "episodes": args.episodes, "lr": args.lr, "sft_mix": SFT_MIX,
+              "model": os.path.basename(model),
               "train_sizes": TRAIN_SIZES, "heldout_sizes": HELDOUT_SIZES,
               "runs": {f"{a}-{s}": r for (a, s), r in runs.items()}}  # fmt: skip
     # Through JSON first, so the report of a finished run and of a reloaded one read the same keys.
