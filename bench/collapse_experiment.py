@@ -96,8 +96,6 @@ ARMS = {
     # GRPO's KL loss to the reference (k3), which needs the reference model: a third (CPU) "GPU" in the cluster.
     "kl-0.1": DAPO_META + ["--algo.meds.alpha", "0", "--algo.kl.init_coef", "0.1", "--algo.kl.use_loss",
                            "--algo.kl.estimator", "k3", "--ref.num_gpus_per_node", "1"],  # fmt: skip
-    "kl-1": DAPO_META + ["--algo.meds.alpha", "0", "--algo.kl.init_coef", "1", "--algo.kl.use_loss",
-                         "--algo.kl.estimator", "k3", "--ref.num_gpus_per_node", "1"],  # fmt: skip
 }
 TRAIN_TAGS = (
     "train/reward", "train/meds/penalty_mean", "train/meds/wrong_answers_distinct_per_question",
