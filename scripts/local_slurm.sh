@@ -166,6 +166,10 @@ EOF
         done
         [[ -n $slurmd ]] || die "slurmd of n$i did not start (see $STATE/log/slurmd.n$i.out)"
         record "$init" && record "$slurmd" # stopped in reverse: slurmd, then the init if it is still there
+        # The launcher's `ray stop --force` ends every Ray process it can see: only a node's own PID namespace
+        # keeps the host's Ray clusters out of its sight.
+        [[ $(readlink "/proc/$slurmd/ns/pid") != $(readlink /proc/self/ns/pid) ]] ||
+            die "slurmd of n$i shares the host's PID namespace: ray stop there would reach the host's Ray"
         readlink "/proc/$slurmd/ns/pid" >>"$STATE/pid-namespaces"
     done
 

@@ -8,6 +8,7 @@ STUB_NODE naming the node; ``ray symmetric-run`` runs the entrypoint after ``--`
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,6 +86,10 @@ log()
 
 @pytest.fixture
 def stubs(tmp_path):
+    # The launcher runs `ray stop --force` on every node; on the dry run's PATH only the stand-in may answer to
+    # `ray`, or it would end every Ray cluster on this machine.
+    real = shutil.which("ray", path=f"/usr/bin{os.pathsep}/bin")
+    assert real is None, f"{real} is on the dry run's PATH: its `ray stop --force` would reach every Ray here"
     folder = tmp_path / "bin"
     folder.mkdir()
     for name, body in STUBS.items():
