@@ -68,6 +68,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -295,11 +296,8 @@ LAYER_ARMS = ("meds-0.05", "meds-0.1", "meds-0.2")
 def beats(a, b):
     """The protocol's comparison of two arms' per-seed values (unpaired): the difference of their means is at
     least MIN_EFFECT and at least twice its standard error (sample variances, one seed one sample)."""
-    n, m = len(a), len(b)
-    mean_a, mean_b = sum(a) / n, sum(b) / m
-    var_a = sum((x - mean_a) ** 2 for x in a) / (n - 1)
-    var_b = sum((x - mean_b) ** 2 for x in b) / (m - 1)
-    return mean_a - mean_b >= max(MIN_EFFECT, 2 * (var_a / n + var_b / m) ** 0.5)
+    standard_error = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+    return statistics.mean(a) - statistics.mean(b) >= max(MIN_EFFECT, 2 * standard_error)
 
 
 def summarise(result, out_png):
