@@ -36,6 +36,12 @@ def test_wrong_answer_diversity_counts_distinct_wrong_answers_per_question():
     assert stats["wrong_questions_single_answer_share"] == pytest.approx(0.5)
 
 
+def test_wrong_answer_diversity_tells_answers_apart_as_the_memory_does():
+    # \dfrac and \frac, and a final period, are layout: two answers (1/2 and 85), as answer_key sees them.
+    stats = wrong_answer_diversity(["a"] * 4, [False] * 4, ["\\dfrac{1}{2}", "\\frac{1}{2}", "85.", "85"])
+    assert stats["wrong_answers_distinct_per_question"] == 2.0
+
+
 def test_missing_answers_count_as_one_answer():
     stats = wrong_answer_diversity(["a", "a"], [False, False], [None, None])
     assert stats == {"wrong_answers_distinct_per_question": 1.0, "wrong_questions_single_answer_share": 1.0}

@@ -7,14 +7,17 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from meds_patch.core.answers import answer_key
+
 
 def wrong_answer_diversity(keys: Sequence[str], correct: Sequence[bool], answers: Sequence[Optional[str]]) -> dict:
     """Per step: the mean number of distinct final answers among each question's wrong rollouts, and the share of
-    questions with two or more wrong rollouts that all gave the same answer (a missing answer counts as one)."""
+    questions with two or more wrong rollouts that all gave the same answer. Answers are told apart by
+    ``answer_key``, as the memory does (a missing answer counts as one)."""
     wrong: Dict[str, list] = defaultdict(list)
     for key, ok, answer in zip(keys, correct, answers):
         if not ok:
-            wrong[key].append(" ".join(answer.split()) if answer is not None else None)
+            wrong[key].append(answer_key(answer))
     distinct = [len(set(a)) for a in wrong.values()]
     repeated = [len(set(a)) == 1 for a in wrong.values() if len(a) >= 2]
     return {
