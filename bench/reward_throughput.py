@@ -16,7 +16,7 @@ import os
 import statistics
 import time
 
-from meds_patch.cpu.demo import REWARD_FUNC  # the package's reward file, which the demo hands to OpenRLHF
+from meds_patch.cpu.cluster import REWARD_FUNC  # the package's reward file, which the demo hands to OpenRLHF
 
 PROMPT = "Solve and put the final answer in \\boxed{}. "
 

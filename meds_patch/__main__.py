@@ -53,12 +53,17 @@ def main(argv=None) -> int:
     demo.add_argument("--save", default=None, help="run folder: DIR/ckpt, DIR/tensorboard, DIR/job.log")
     demo.add_argument("--resume", default=None, help="a run folder of an earlier demo to continue for --steps more")
     demo.add_argument(
-        "--nodes", type=int, default=1, help="Ray nodes on this machine, one policy rank on each (default: 1)"
+        "--nodes",
+        type=int,
+        default=None,
+        help="Ray nodes on this machine, one policy rank on each (default: 1, or the resumed run's)",
     )
     demo.add_argument(
         "--address", default=None, help="train on this running Ray cluster's job API (http://HOST:PORT) instead"
     )
-    demo.add_argument("--alpha", type=float, default=None, help="--algo.meds.alpha (default: the trainer's)")
+    demo.add_argument(
+        "--alpha", type=float, default=None, help="--algo.meds.alpha (default: the trainer's, or the resumed run's)"
+    )
     report = sub.add_parser("report", help="summarise a checkpoint's error memory as Markdown and PNG plots")
     report.add_argument("checkpoint", help="--ckpt.path of a run, its _actor folder, or one checkpoint tag folder")
     report.add_argument("--out", default=None, help="output folder (default: <checkpoint>/meds_report)")
@@ -87,7 +92,7 @@ def main(argv=None) -> int:
         return 0
     from meds_patch.cpu.demo import run_demo
 
-    if args.nodes < 1:
+    if args.nodes is not None and args.nodes < 1:
         parser.error(f"--nodes must be 1 or more, not {args.nodes}")
 
     return run_demo(args.steps, args.save, args.resume, args.nodes, args.address, args.alpha)

@@ -13,7 +13,7 @@ hook.install()
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray head for the whole session (2 declared GPUs, the CPU environment), stopped at the end."""
-    from meds_patch.cpu.demo import CPU_ENV, LocalRayCluster
+    from meds_patch.cpu.cluster import CPU_ENV, LocalRayCluster
 
     with LocalRayCluster(env=CPU_ENV) as cluster:
         yield cluster

@@ -4,7 +4,7 @@ import threading
 
 import torch
 
-from meds_patch.cpu.demo import free_ports
+from meds_patch.cpu.cluster import free_ports
 from tests.test_hook import python, results
 
 PROBE = """

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from meds_patch.__main__ import main
-from meds_patch.cpu.demo import LocalRayCluster, process_tree, zombie
+from meds_patch.cpu.cluster import LocalRayCluster, process_tree, scalars, start_time, zombie
 
 
 def answers(address: str) -> bool:
@@ -34,6 +34,27 @@ def test_a_second_cluster_of_two_nodes_ignores_ray_address_and_stops_only_itself
     assert not [pid for pid in processes if os.path.exists(f"/proc/{pid}") and not zombie(pid)]
     assert not os.path.exists(temp_dir) and not answers(cluster.address)
     assert answers(ray_cluster.address)
+
+
+def test_a_cluster_whose_owner_is_killed_stops_by_itself(tmp_path):
+    # The owner is SIGKILLed, as a test's timeout does to a bench: it cannot stop anything itself.
+    owner = subprocess.Popen([sys.executable, "-c", (
+        "import time\n"
+        "from meds_patch.cpu.cluster import LocalRayCluster\n"
+        "cluster = LocalRayCluster(num_gpus=0, num_cpus=1).start()\n"
+        "print(cluster.temp_dir, *cluster.own_processes(), flush=True)\n"
+        "time.sleep(600)\n"
+    )], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    temp_dir, *pids = owner.stdout.readline().split()
+    started = {int(pid): start_time(int(pid)) for pid in pids}
+    assert len(started) > 3  # ray start, GCS, raylet, dashboard, ...
+    owner.kill()
+    owner.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline and [p for p, t in started.items() if start_time(p) == t and not zombie(p)]:
+        time.sleep(1)
+    assert not [p for p, t in started.items() if start_time(p) == t and not zombie(p)]
+    assert not os.path.exists(temp_dir)
 
 
 def test_process_tree_holds_a_daemon_that_left_its_parent_and_nothing_of_the_callers(tmp_path):
@@ -68,6 +89,28 @@ def test_demo_will_not_write_over_an_earlier_run(tmp_path, capsys):
 def test_demo_resumes_only_a_demo_run(tmp_path, capsys):
     assert main(["demo", "--resume", str(tmp_path)]) == 2
     assert "holds no demo run to resume" in capsys.readouterr().err
+
+
+def test_a_resumed_demo_keeps_its_nodes(tmp_path, capsys):
+    (tmp_path / "demo.json").write_text('{"steps": 2, "nodes": 2, "alpha": 0.0}')
+    assert main(["demo", "--resume", str(tmp_path), "--nodes", "1"]) == 2
+    assert "was trained on 2 node(s): resume it without --nodes, or with --nodes 2" in capsys.readouterr().err
+
+
+def test_a_resumed_demo_keeps_its_alpha_and_an_alpha_given_again_replaces_it(tmp_path):
+    def demo(*args):
+        done = subprocess.run([sys.executable, "-m", "meds_patch", "demo", "--steps", "1", *args],
+                              capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    demo("--save", str(tmp_path), "--alpha", "0")
+    assert "replaces" not in demo("--resume", str(tmp_path))
+    assert "--alpha 0.1 replaces the run's 0.0 from step 3" in demo("--resume", str(tmp_path), "--alpha", "0.1")
+    steps = scalars(str(tmp_path / "tensorboard"), "train/meds/")
+    # alpha 0 at steps 1 and 2 (the second resumed without --alpha), 0.1 at step 3 against the memory of the first two
+    assert [steps[s]["train/meds/penalty_mean"] for s in (1, 2)] == [0.0, 0.0]
+    assert steps[2]["train/meds/stored_vectors"] > 0 and steps[3]["train/meds/penalty_mean"] > 0
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from meds_patch.cpu.demo import CPU_ENV, QUESTIONS, LocalRayCluster, scalars, submit, training_args
+from meds_patch.cpu.cluster import CPU_ENV, LocalRayCluster, scalars, submit
+from meds_patch.cpu.demo import QUESTIONS, training_args
 from meds_patch.cpu.tiny_math import prepared_model, write_prompts
 from meds_patch.tools.report import find_memory_state
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from meds_patch.core.features import find_answer_positions
-from meds_patch.cpu.demo import CPU_ENV, QUESTIONS, LocalRayCluster, actor_nodes, scalars, submit, training_args
+from meds_patch.cpu.cluster import CPU_ENV, LocalRayCluster, actor_nodes, scalars, submit
+from meds_patch.cpu.demo import QUESTIONS, training_args
 from meds_patch.cpu.tiny_math import prepared_model, write_prompts
 from meds_patch.tools.report import find_memory_state
 from tests.test_e2e import train
