@@ -205,11 +205,12 @@ def makers():
 
 def maker_for(module, estimator, meds: bool):
     from meds_patch.core.config import MEDSConfig
+    from meds_patch.integration.glue import TrainerOptions
 
     maker = module.RemoteExperienceMaker.__new__(module.RemoteExperienceMaker)
     maker.advantage_estimator = estimator
     maker.kl_ctl = SimpleNamespace(value=0.0)
-    meds_ns = SimpleNamespace(enable=meds, anchor="\\boxed{", **vars(MEDSConfig(num_layers=2)))
+    meds_ns = SimpleNamespace(enable=meds, **vars(MEDSConfig(num_layers=2)), **vars(TrainerOptions()))
     args = SimpleNamespace(
         rollout=SimpleNamespace(n_samples_per_prompt=4),
         reward=SimpleNamespace(clip_range=(-10, 10)),

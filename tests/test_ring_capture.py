@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from meds_patch.core.config import MEDSConfig
 from meds_patch.cpu.tiny_math import tiny_model, tiny_tokenizer
-from meds_patch.integration.glue import finish_capture, start_capture
+from meds_patch.integration.glue import TrainerOptions, finish_capture, start_capture
 
 RING = 2
 
@@ -33,7 +34,7 @@ def batch():
 
 
 def policy(ring_group):
-    meds = SimpleNamespace(enable=True, anchor="\\boxed{", anchor_search="tokens", num_layers=4)
+    meds = SimpleNamespace(enable=True, **vars(MEDSConfig(num_layers=4)), **vars(TrainerOptions()))
     args = SimpleNamespace(algo=SimpleNamespace(meds=meds), ds=SimpleNamespace(packing_samples=True))
     model = tiny_model(tiny_tokenizer(), num_layers=4)
     return SimpleNamespace(strategy=SimpleNamespace(args=args, ring_attn_group=ring_group), tokenizer=tiny_tokenizer(),

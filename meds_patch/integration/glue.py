@@ -166,6 +166,7 @@ HOOK_MISSING = (
     "editable install, run `python -m meds_patch install-hook`)"
 )
 nodes_checked = False  # whether this process has checked every node for the import hook
+HOOK_PROBE_TIMEOUT = 300  # seconds for every node to answer whether it has the hook
 
 
 def require_hook_on_every_node() -> None:
@@ -190,10 +191,12 @@ def require_hook_on_every_node() -> None:
     nodes = [node for node in ray.nodes() if node["Alive"]]
     refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote()
             for node in nodes]  # fmt: skip
+    # One wait over all nodes: a node that does not answer within it counts as one without the hook.
+    answered, _ = ray.wait(refs, num_returns=len(refs), timeout=HOOK_PROBE_TIMEOUT)
     missing = []
     for node, ref in zip(nodes, refs):
         try:
-            active = ray.get(ref, timeout=300)
+            active = ref in answered and ray.get(ref)
         except ray.exceptions.RayError:
             active = False
         if not active:
@@ -216,8 +219,7 @@ def start_capture(policy, sequences: torch.Tensor, attention_mask: torch.Tensor,
     if not enabled(args):
         return None
     require_hook_on_every_node()
-    # The memory keeps answers: nothing to read from the layers (hand-made args may lack the flag).
-    if getattr(args.algo.meds, "feature", "layer_logits") == "answer":
+    if args.algo.meds.feature == "answer":  # the memory keeps answers: nothing to read from the layers
         return ForwardCapture(hidden=None)
     stale = getattr(policy, "meds_capture", None)
     if stale is not None:  # left behind by a forward that raised
@@ -302,7 +304,7 @@ def controller_state(maker) -> ControllerState:
         from meds_patch.core.memory import AnswerMemory, ErrorMemory
 
         config = meds_config(maker.args)
-        workers = getattr(maker.args.algo.meds, "num_workers", 0)  # hand-made args may lack the flag
+        workers = maker.args.algo.meds.num_workers
         if config.feature == "answer":
             memory = AnswerMemory(config)
         elif workers > 0:
