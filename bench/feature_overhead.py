@@ -1,13 +1,8 @@
 """CPU cost of reading MEDS answer-token features during the trainer's log-prob forward.
 
 A random Qwen2-shaped model (28 blocks; hidden/vocab ratio of Qwen2.5-7B; GQA; sdpa; float32) runs the forward that
-OpenRLHF's experience maker runs (logits.float(), then next-token log-probs) in three variants:
-
-    plain          the trainer's forward alone
-    hooks          the same forward inside meds_patch.core.features.AnswerHiddenStates (one answer position per row),
-                   then .logits(targets): hidden states are kept only at p, the LM head runs on B x K vectors
-    hidden_states  the forward with output_hidden_states=True (every layer's (B, T, H) states kept, as the
-                   authors' code does), then the same logit lens at p of the last K states
+OpenRLHF's experience maker runs in the three variants of bench/feature_forward.py: plain, hooks (the shipped
+meds_patch.core.features.AnswerHiddenStates) and hidden_states (output_hidden_states=True, as the authors' code).
 
 Each variant runs in its own process (this script re-invokes itself with --variant), `--rounds` times interleaved.
 Reported: median wall time of forward + log-probs + features, and the peak RSS the forward adds over the RSS after
@@ -31,7 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = ("plain", "hooks", "hidden_states")
+import torch
+from feature_forward import VARIANTS, build_model, make_batch, proc_status_kib, reset_peak_rss, step, table
+
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK = dict(layers=16, hidden=64, intermediate=176, heads=4, kv_heads=2, vocab=2720, batch=2, seq=64)
 QUICK.update(repeats=2, rounds=1, threads=1)
@@ -67,102 +64,21 @@ def parse_args():
 
 
 # ---------------------------------------------------------------- child: one variant in a fresh process
-# torch, transformers and meds_patch are imported in the child-side functions only, so that the parent starts fast.
 
 
-def proc_status_kib(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return None
-
-
-def reset_peak_rss():
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-
-
-def build(args):
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(args.seed)
-    config = Qwen2Config(
+def run_child(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = dict(
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
         vocab_size=args.vocab,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
     )
-    model = Qwen2ForCausalLM(config).eval()
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq))
-    mask = torch.ones_like(ids)
-    position_ids = mask.cumsum(-1) - 1  # as OpenRLHF's Actor.forward builds them
-    position_ids.masked_fill_(mask == 0, 1)
-    rows = torch.arange(args.batch)
-    positions = torch.randint(args.seq // 2, args.seq - 1, (args.batch,))  # p + 1 stays inside the row
-    batch = dict(
-        ids=ids,
-        mask=mask,
-        position_ids=position_ids,
-        rows=rows,
-        positions=positions,
-        targets=ids[rows, positions + 1],
-        flat_index=rows * args.seq + positions,
-    )
-    return model, batch
-
-
-def next_token_log_probs(logits, ids):
-    """OpenRLHF's log_probs_from_logits on fp32 logits without flash-attn: gather minus a chunked logsumexp."""
-    import torch
-
-    labels = torch.roll(ids, shifts=-1, dims=1)
-    flat = logits.reshape(-1, logits.shape[-1])
-    logsumexp = torch.cat([torch.logsumexp(chunk, dim=-1) for chunk in flat.split(1024)])
-    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logsumexp.view(labels.shape)
-
-
-def step(variant, model, batch, k):
-    """One trainer forward + log-probs (+ features); returns log-probs, (B, K) features, the model's own logit."""
-    import torch
-
-    from meds_patch.core.features import AnswerHiddenStates
-
-    def forward(**kwargs):
-        out = model(batch["ids"], attention_mask=batch["mask"], position_ids=batch["position_ids"], **kwargs)
-        out["logits"] = logits = out["logits"].float()  # as upstream (a no-op in float32)
-        return out, logits, next_token_log_probs(logits, batch["ids"])
-
-    features = None
-    if variant == "hooks":
-        with AnswerHiddenStates(model, batch["flat_index"], batch["ids"].numel(), k) as captured:
-            out, logits, log_probs = forward()
-        features = captured.logits(batch["targets"])
-    elif variant == "hidden_states":
-        out, logits, log_probs = forward(output_hidden_states=True)
-        rows, positions = batch["rows"], batch["positions"]
-        # transformers stores the last block's output with the final norm already applied: no norm here.
-        states = [hidden[rows, positions] for hidden in out.hidden_states[-k:]]
-        lens = model.lm_head(torch.stack(states, dim=1))
-        features = lens.gather(-1, batch["targets"].view(-1, 1, 1).expand(-1, k, 1)).squeeze(-1).float()
-    else:
-        out, logits, log_probs = forward()
-    own = logits[batch["rows"], batch["positions"], batch["targets"]]
-    return log_probs, features, own
-
-
-def run_child(args):
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, batch = build(args)
+    model = build_model(shape, args.seed)
+    batch = make_batch(args.batch, args.seq, args.vocab, "cpu", args.seed)
     built_kib = proc_status_kib("VmRSS")
     with torch.no_grad():
         step(args.variant, model, batch, args.k)  # warm-up; what it allocates once and keeps counts as baseline
@@ -243,25 +159,6 @@ def summarise(timing, memory):
             baseline_rss_mib=statistics.median(run["baseline_rss_mib"] for run in sized),
         )
     return summary
-
-
-def percent(part, whole):
-    return f"{100 * part / whole:+.1f}%" if whole else "n/a"
-
-
-def table(summary):
-    plain = summary["plain"]
-    lines = [
-        "| variant | median forward time (s) | time vs plain | peak forward memory (MiB) | memory vs plain |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for variant, row in summary.items():
-        extra = row["forward_peak_mib"] - plain["forward_peak_mib"]
-        lines.append(
-            f"| {variant} | {row['median_s']:.3f} | {percent(row['median_s'] - plain['median_s'], plain['median_s'])} "
-            f"| {row['forward_peak_mib']:.1f} | {extra:+.1f} MiB ({percent(extra, plain['forward_peak_mib'])}) |"
-        )
-    return "\n".join(lines)
 
 
 def main():
