@@ -145,15 +145,18 @@ def test_the_demo_on_two_nodes_trains_and_resumes(tmp_path):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout
 
-    printed = demo("--nodes", "2", "--steps", "2", "--save", str(tmp_path))
+    printed = demo("--nodes", "2", "--steps", "2", "--save", str(tmp_path), "--alpha", "0.2")
     ranks = next(line for line in printed.splitlines() if line.strip().startswith("PolicyModelActor:"))
     assert len(set(ranks.split(":", 1)[1].split(","))) == 2  # one rank on each node
     penalties = scalars(os.path.join(tmp_path, "tensorboard"), "train/meds/penalty_mean")
     assert penalties[2]["train/meds/penalty_mean"] > 0
     saved, _ = find_memory_state(os.path.join(tmp_path, "ckpt"))
-    resumed = demo("--resume", str(tmp_path), "--steps", "1")
+    resumed = demo("--resume", str(tmp_path), "--steps", "1")  # on 2 nodes and at alpha 0.2, as it was started
     assert (
         f"MEDS: restored {{'memories': {len(QUESTIONS)}, 'vectors': {sum(len(v) for v in saved['vectors'])},"
         in resumed
     )
     assert "step 3:" in resumed
+    # At the default alpha 0.1 the cap beta = 2 alpha = 0.2 bounds every penalty; at 0.2 a cluster of n >= 2
+    # earlier wrong answers costs 0.2 ln 3 = 0.22.
+    assert scalars(os.path.join(tmp_path, "tensorboard"), "train/meds/penalty_max")[3]["train/meds/penalty_max"] > 0.2

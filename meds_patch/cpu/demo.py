@@ -152,8 +152,8 @@ def run_demo(
     signal.signal(signal.SIGINT, stop_on)
     signal.signal(signal.SIGTERM, stop_on)
     with cluster as cluster:
-        print(f"submitting train_ppo_ray --meds ({'resuming at step ' + str(done + 1) if resume else 'new run'}); "
-              f"job log: {save}/job.log", flush=True)  # fmt: skip
+        print(f"submitting train_ppo_ray --meds ({'resuming at step ' + str(done + 1) if resume else 'new run'}, "
+              f"alpha {'default' if alpha is None else alpha}); job log: {save}/job.log", flush=True)  # fmt: skip
         printer = StepPrinter(os.path.join(save, "tensorboard"), cluster)
         code = submit(cluster, args, os.path.join(save, "job.log"), on_line)
         if signals:  # the last line came before the signal was raised again
