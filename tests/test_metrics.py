@@ -5,7 +5,7 @@ import pytest
 
 from meds_patch.core.answers import last_boxed_answer
 from meds_patch.core.memory import Votes
-from meds_patch.core.metrics import cluster_answer_agreement, pass_at_k, wrong_answer_diversity
+from meds_patch.core.metrics import cluster_answer_agreement, pass_at_k, top1_eigen_ratio, wrong_answer_diversity
 
 
 def test_last_box_wins_and_nested_braces_match():
@@ -49,6 +49,25 @@ def test_missing_answers_count_as_one_answer():
 
 def test_no_wrong_rollouts_gives_zeros():
     assert wrong_answer_diversity(["a"], [True], ["1"])["wrong_answers_distinct_per_question"] == 0.0
+
+
+def test_top1_eigen_ratio_is_one_for_rollouts_that_point_one_way():
+    # Lengths do not count: rows are scaled to unit length first.
+    assert top1_eigen_ratio(["a"] * 3, [[1.0, 2.0], [2.0, 4.0], [0.5, 1.0]]) == {"top1_eigen_ratio": pytest.approx(1.0)}
+
+
+def test_top1_eigen_ratio_of_n_orthonormal_rollouts_is_one_over_n():
+    assert top1_eigen_ratio(["a"] * 4, np.eye(4) * 3)["top1_eigen_ratio"] == pytest.approx(0.25)
+
+
+def test_top1_eigen_ratio_averages_questions_and_leaves_out_rows_without_a_feature():
+    # a: (1, 0) and (0, 1) -> 1/2. b: (1, 0) and (1, 1)/sqrt 2: X^T X / 2 = [[3/4, 1/4], [1/4, 1/4]], whose largest
+    # eigenvalue is 1/2 + sqrt(2)/4. c: one finite row only, left out.
+    keys = ["a", "a", "a", "b", "b", "c", "c"]
+    rows = [[1, 0], [0, 1], [np.nan, np.nan], [1, 0], [1, 1], [2, 0], [np.nan, 1]]
+    expected = (0.5 + (0.5 + np.sqrt(2) / 4)) / 2
+    assert top1_eigen_ratio(keys, rows)["top1_eigen_ratio"] == pytest.approx(expected)
+    assert top1_eigen_ratio(["c", "c"], [[2, 0], [np.nan, 1]]) == {}
 
 
 @pytest.mark.parametrize(

@@ -327,8 +327,8 @@ def test_step_records_how_varied_the_wrong_answers_are(makers):
     maker = maker_for(patched, "group_norm", meds=True)
     maker.compute_advantages_and_returns(experiences([0.0, 0.0, 0.0, 1.0], [0, 0, 0, 1], [[1, 0]] * 4))
     # Wrong rollouts 0, 1, 2 answered 0, 1, 0: two distinct answers, not all the same.
-    assert maker.meds_state.answer_diversity["wrong_answers_distinct_per_question"] == 2
-    assert maker.meds_state.answer_diversity["wrong_questions_single_answer_share"] == 0
+    assert maker.meds_state.diversity["wrong_answers_distinct_per_question"] == 2
+    assert maker.meds_state.diversity["wrong_questions_single_answer_share"] == 0
 
 
 # ── Checkpoints and logs ──
@@ -364,7 +364,7 @@ def test_step_metrics_reach_tensorboard(tmp_path, local_ray):
     tags = events.Tags()["scalars"]
     for name in ("memories", "stored_vectors", "clusters", "penalised_wrong_share", "without_feature_share",
                  "penalty_mean", "penalty_max", "controller_seconds", "wrong_answers_distinct_per_question",
-                 "wrong_questions_single_answer_share"):  # fmt: skip
+                 "wrong_questions_single_answer_share", "top1_eigen_ratio"):  # fmt: skip
         assert f"train/meds/{name}" in tags
     assert [e.value for e in events.Scalars("train/meds/stored_vectors")][-1] > 0
 

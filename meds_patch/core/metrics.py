@@ -26,6 +26,20 @@ def wrong_answer_diversity(keys: Sequence[str], correct: Sequence[bool], answers
     }
 
 
+def top1_eigen_ratio(keys: Sequence[str], features: np.ndarray) -> dict:
+    """The paper's spectral concentration of a question's rollouts (its Figure 5; 1 when they all point one way, 1/m
+    for m orthogonal ones): the largest eigenvalue's share of the uncentred second-moment matrix of their feature
+    rows scaled to unit length (as the memory stores them), averaged over the step's questions with two or more
+    rows. Rows without a finite, non-zero feature are left out; {} when no question has two."""
+    rows: Dict[str, list] = defaultdict(list)
+    for key, row in zip(keys, np.asarray(features, np.float64)):
+        if np.isfinite(row).all() and row.any():
+            rows[key].append(row / np.linalg.norm(row))
+    # The eigenvalues of X^T X / m are the squared singular values of X / sqrt(m); their sum is 1 for unit rows.
+    ratios = [np.linalg.svd(np.array(r), compute_uv=False)[0] ** 2 / len(r) for r in rows.values() if len(r) >= 2]
+    return {"top1_eigen_ratio": float(np.mean(ratios))} if ratios else {}
+
+
 def cluster_answer_agreement(correct: np.ndarray, votes, same_answer_counts: np.ndarray) -> dict:
     """Whether the memory's clusters track distinct wrong answers, over the step's wrong rollouts that the memory
     sized against a history (``votes``, ``memory.Votes``): Spearman's rank correlation between their cluster size

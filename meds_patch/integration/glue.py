@@ -84,7 +84,8 @@ class ControllerState:
     wrong_answers: Any = None  # AnswerMemory with target "wrong"
     prompts: Dict[str, str] = field(default_factory=dict)  # prompt key -> the question's first characters
     last_step: Optional["StepStats"] = None
-    answer_diversity: Dict[str, float] = field(default_factory=dict)  # core.metrics.wrong_answer_diversity
+    # core.metrics.wrong_answer_diversity and top1_eigen_ratio: how varied the step's answers and features are
+    diversity: Dict[str, float] = field(default_factory=dict)
     agreement: Dict[str, float] = field(default_factory=dict)  # core.metrics.cluster_answer_agreement
     seconds: float = 0.0  # the controller's time in the last shaping
 
@@ -336,7 +337,7 @@ def shape_rewards(maker, experiences: List) -> None:
     ``info["meds_penalty"]`` and the step's statistics.
     """
     from meds_patch.core.memory import prompt_key
-    from meds_patch.core.metrics import cluster_answer_agreement, wrong_answer_diversity
+    from meds_patch.core.metrics import cluster_answer_agreement, top1_eigen_ratio, wrong_answer_diversity
     from meds_patch.core.penalty import apply_penalties
 
     start = time.perf_counter()
@@ -368,7 +369,7 @@ def shape_rewards(maker, experiences: List) -> None:
         del exp.meds
         offset += n
     state.last_step = state.memory.last_step
-    state.answer_diversity = wrong_answer_diversity(keys, correct, answers)
+    state.diversity = {**wrong_answer_diversity(keys, correct, answers), **top1_eigen_ratio(keys, np.concatenate(features))}
     state.agreement = cluster_answer_agreement(correct, state.memory.last_votes, state.wrong_answers.last_votes.sizes)
     state.seconds = time.perf_counter() - start
 
@@ -406,7 +407,7 @@ def step_metrics(maker) -> Dict[str, float]:
         "meds/non_finite_features": step.non_finite,
         "meds/penalty_mean": step.mean_penalty,
         "meds/penalty_max": step.max_penalty,
-        **{f"meds/{name}": value for name, value in state.answer_diversity.items()},
+        **{f"meds/{name}": value for name, value in state.diversity.items()},
         **{f"meds/{name}": value for name, value in state.agreement.items()},
         "meds/controller_seconds": state.seconds,
     }
