@@ -61,6 +61,12 @@ def test_every_step_with_a_history_logs_whether_the_clusters_track_answers(sync_
     assert all(-1 <= rho <= 1 for rho in sync_run.series("train/meds/cluster_answer_rank_correlation"))
 
 
+def test_every_step_logs_the_spectral_concentration_of_its_rollouts(sync_run):
+    # 4 layer logits a rollout: the largest of 4 eigenvalues that sum to 1 is at least 1/4.
+    ratios = sync_run.series("train/meds/top1_eigen_ratio")
+    assert len(ratios) == 3 and all(0.25 - 1e-6 <= ratio <= 1 + 1e-6 for ratio in ratios)
+
+
 def test_a_successful_run_prints_no_traceback(sync_run):
     # Its output includes every actor's, to their exit (once, two resource-tracker KeyErrors at the vLLM actor's).
     assert "Traceback" not in sync_run.log
