@@ -2,6 +2,7 @@
 vLLM rollouts, the math reward function, DeepSpeed steps, weight sync and checkpoints, on the session's Ray cluster
 and the prepared tiny model. Each run costs about a minute, so one run serves the tests that read it."""
 
+import math
 import os
 import time
 
@@ -9,7 +10,7 @@ import pytest
 
 from meds_patch.cpu.cluster import CPU_ENV, LocalRayCluster, scalars, submit
 from meds_patch.cpu.demo import QUESTIONS, training_args
-from meds_patch.cpu.tiny_math import prepared_model, write_prompts
+from meds_patch.cpu.tiny_math import prepared_model, tiny_tokenizer, write_prompts
 from meds_patch.tools.report import find_memory_state
 
 # A learning rate that moves the tiny policy visibly within a step, for the weight-sync check.
@@ -126,10 +127,19 @@ def test_the_answer_memory_penalises_recurring_wrong_answers_and_resumes_from_it
     assert resumed.series("train/meds/stored_vectors")[-1] > saved
 
 
-def test_async_trainer_applies_meds(ray_cluster, tmp_path):
-    run = train(ray_cluster, str(tmp_path), 2, "--train.async_enable")
-    assert len(run.series("train/meds/penalty_mean")) == 2
-    assert run.series("train/meds/stored_vectors")[-1] > 0
+@pytest.fixture(scope="module")
+def async_run(ray_cluster, tmp_path_factory):
+    # The same run carries the entropy-advantage baseline, which acts in the policy update only, after everything
+    # MEDS does; the overlong penalty (responses of 10 to 40 tokens lose up to 1) makes every group's rewards differ,
+    # so advantages are not 0 even when the tiny model gets a question always right or always wrong.
+    entropy_advantage = ["--algo.entropy_advantage.enable", "--reward.overlong_buffer_len", "30",
+                         "--reward.overlong_penalty_factor", "1.0"]  # fmt: skip
+    return train(ray_cluster, str(tmp_path_factory.mktemp("async")), 2, "--train.async_enable", *entropy_advantage)
+
+
+def test_async_trainer_applies_meds(async_run):
+    assert len(async_run.series("train/meds/penalty_mean")) == 2
+    assert async_run.series("train/meds/stored_vectors")[-1] > 0
 
 
 def test_an_actor_that_dies_while_starting_ends_the_run_with_its_error(ray_cluster, tmp_path):
@@ -139,6 +149,14 @@ def test_an_actor_that_dies_while_starting_ends_the_run_with_its_error(ray_clust
     assert time.time() - started < 240  # not a hang
     assert "the job was stopped: RolloutRayActor" in run.log and "died while starting" in run.log
     assert f"No such file or directory: '{tmp_path / 'missing.py'}'" in run.log.rsplit("the job was stopped", 1)[1]
+
+
+def test_the_entropy_advantage_shapes_the_policy_update_without_an_entropy_loss(async_run):
+    # No entropy bonus was asked for, yet the actor computes the entropy. Each token's bonus min(0.4 H_t, |A_t| / 2)
+    # is at most 0.4 ln(vocabulary): a mean bonus of 0 would mean no shaping, one above that bound a wrong formula.
+    bonus = async_run.series("train/entropy_advantage_bonus")
+    assert len(bonus) == 2 and all(0 < b <= 0.4 * math.log(len(tiny_tokenizer())) for b in bonus)
+    assert len(async_run.series("train/entropy_loss")) == 2
 
 
 def test_without_meds_the_run_is_upstream(ray_cluster, tmp_path):

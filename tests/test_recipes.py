@@ -45,7 +45,7 @@ RECIPES = {  # script: the MEDS arm's alpha, the response length and where both 
         alpha=0.01, response=7168, source="docs/ALGORITHM.md §4 (alpha 0.005-0.02), §5; run_grpo.sh: 7168"
     ),
 }
-ALGOS = ("dapo", "grpo")
+ALGOS = ("dapo", "grpo", "grpo_entropy_adv")
 QWEN_MATH_PROMPT = (
     "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
     "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
@@ -64,36 +64,37 @@ class Setting(NamedTuple):
     source: str
 
 
-BOTH = ALGOS
+EVERY = ALGOS
+ENTROPY = ("grpo_entropy_adv",)
 # The authors' settings, one row each (github.com/Linxi000/MEDS, recipe/MEDS/: run_meds.sh and run_dapo.sh for
-# the DAPO arm, run_grpo.sh for the GRPO arm). "verl default" rows are settings their scripts leave at the
+# the DAPO arm, run_grpo.sh for the GRPO arm, run_grpo_entropy_adv.sh for the entropy-advantage arm). "verl default" rows are settings their scripts leave at the
 # default of veRL's config files in their fork (verl/trainer/config/).
 AUTHORS = [
-    Setting(BOTH, "advantage", "algo.advantage.estimator", "group_norm", "all three: algorithm.adv_estimator=grpo"),
-    Setting(BOTH, "prompts per step", "rollout.batch_size", 512, "train_prompt_bsz=512; data.train_batch_size=512"),
-    Setting(BOTH, "rollouts per prompt", "rollout.n_samples_per_prompt", 16, "n_resp_per_prompt=16; rollout.n=16"),
-    Setting(BOTH, "prompt tokens", lambda a: a.data.max_len - a.rollout.max_new_tokens, 1024,
+    Setting(EVERY, "advantage", "algo.advantage.estimator", "group_norm", "all three: algorithm.adv_estimator=grpo"),
+    Setting(EVERY, "prompts per step", "rollout.batch_size", 512, "train_prompt_bsz=512; data.train_batch_size=512"),
+    Setting(EVERY, "rollouts per prompt", "rollout.n_samples_per_prompt", 16, "n_resp_per_prompt=16; rollout.n=16"),
+    Setting(EVERY, "prompt tokens", lambda a: a.data.max_len - a.rollout.max_new_tokens, 1024,
             "all three: data.max_prompt_length=1024"),  # fmt: skip
-    Setting(BOTH, "temperature", "rollout.temperature", 1.0, "all three: rollout.temperature=1.0"),
-    Setting(BOTH, "top_p", "rollout.top_p", 1.0, "all three: rollout.top_p=1.0"),
-    Setting(BOTH, "epochs per batch", "train.max_epochs", 1, "verl default actor.ppo_epochs=1"),
-    Setting(BOTH, "lr", "actor.adam.lr", 1e-6, "all three: actor.optim.lr=1e-6"),
-    Setting(BOTH, "Adam betas", "actor.adam.betas", (0.9, 0.999), "verl default optim.betas=[0.9, 0.999]"),
-    Setting(BOTH, "grad clip", "actor.max_norm", 1.0, "run_meds.sh: actor.grad_clip=1.0; verl default 1.0"),
-    Setting(BOTH, "entropy bonus", lambda a: bool(a.actor.entropy_coef), False, "all three: actor.entropy_coeff=0"),
-    Setting(BOTH, "gradient checkpointing", "actor.gradient_checkpointing_enable", True,
+    Setting(EVERY, "temperature", "rollout.temperature", 1.0, "all three: rollout.temperature=1.0"),
+    Setting(EVERY, "top_p", "rollout.top_p", 1.0, "all three: rollout.top_p=1.0"),
+    Setting(EVERY, "epochs per batch", "train.max_epochs", 1, "verl default actor.ppo_epochs=1"),
+    Setting(EVERY, "lr", "actor.adam.lr", 1e-6, "all three: actor.optim.lr=1e-6"),
+    Setting(EVERY, "Adam betas", "actor.adam.betas", (0.9, 0.999), "verl default optim.betas=[0.9, 0.999]"),
+    Setting(EVERY, "grad clip", "actor.max_norm", 1.0, "run_meds.sh: actor.grad_clip=1.0; verl default 1.0"),
+    Setting(EVERY, "entropy bonus", lambda a: bool(a.actor.entropy_coef), False, "all three: actor.entropy_coeff=0"),
+    Setting(EVERY, "gradient checkpointing", "actor.gradient_checkpointing_enable", True,
             "all three: model.enable_gradient_checkpointing=True"),  # fmt: skip
-    Setting(BOTH, "GPUs", lambda a: a.actor.num_nodes * a.actor.num_gpus_per_node, 8,
+    Setting(EVERY, "GPUs", lambda a: a.actor.num_nodes * a.actor.num_gpus_per_node, 8,
             "all three: trainer.n_gpus_per_node=8, NNODES=1"),  # fmt: skip
-    Setting(BOTH, "vLLM tensor parallel", "vllm.tensor_parallel_size", 1, "rollout.tensor_model_parallel_size=1"),
-    Setting(BOTH, "eval data", lambda a: Path(a.eval.dataset).name, "aime24.jsonl", "TEST_FILE=aime-2024.parquet"),
-    Setting(BOTH, "eval every", "eval.steps", 2, "all three: trainer.test_freq=2"),
-    Setting(BOTH, "eval samples", "eval.n_samples_per_prompt", 1, "run_meds.sh: val_kwargs.n=1; verl default 1"),
-    Setting(BOTH, "checkpoint every", "ckpt.save_steps", 50, "all three: trainer.save_freq=50"),
-    Setting(BOTH, "best-eval checkpoints", "ckpt.best_metric_key", "none", "veRL saves at save_freq only"),
-    Setting(BOTH, "epochs", "train.num_episodes", 100, "trainer.total_epochs=100"),
-    Setting(BOTH, "MEDS layers", "algo.meds.num_layers", 14, "run_meds.sh: use_last_n_layers=14"),
-    Setting(BOTH, "MEDS target", "algo.meds.target", "wrong", "run_meds.sh: cluster_penalty_target=wrong"),
+    Setting(EVERY, "vLLM tensor parallel", "vllm.tensor_parallel_size", 1, "rollout.tensor_model_parallel_size=1"),
+    Setting(EVERY, "eval data", lambda a: Path(a.eval.dataset).name, "aime24.jsonl", "TEST_FILE=aime-2024.parquet"),
+    Setting(EVERY, "eval every", "eval.steps", 2, "all three: trainer.test_freq=2"),
+    Setting(EVERY, "eval samples", "eval.n_samples_per_prompt", 1, "run_meds.sh: val_kwargs.n=1; verl default 1"),
+    Setting(EVERY, "checkpoint every", "ckpt.save_steps", 50, "all three: trainer.save_freq=50"),
+    Setting(EVERY, "best-eval checkpoints", "ckpt.best_metric_key", "none", "veRL saves at save_freq only"),
+    Setting(EVERY, "epochs", "train.num_episodes", 100, "trainer.total_epochs=100"),
+    Setting(EVERY, "MEDS layers", "algo.meds.num_layers", 14, "run_meds.sh: use_last_n_layers=14"),
+    Setting(EVERY, "MEDS target", "algo.meds.target", "wrong", "run_meds.sh: cluster_penalty_target=wrong"),
     Setting(("dapo",), "KL", "algo.kl.init_coef", 0.0, "use_kl_loss=False, kl_coef=0.0, use_kl_in_reward=False"),
     Setting(("dapo",), "KL loss", "algo.kl.use_loss", False, "run_meds.sh: use_kl_loss=False"),
     Setting(("dapo",), "clip", "actor.eps_clip_low_high", (0.2, 0.28), "clip_ratio_low=0.2, clip_ratio_high=0.28"),
@@ -125,6 +126,23 @@ AUTHORS = [
     Setting(("grpo",), "weight decay", "actor.adam.weight_decay", 0.01, "verl default optim.weight_decay=0.01"),
     Setting(("grpo",), "lr schedule", "actor.lr_scheduler", "constant",
             "verl default lr_warmup_steps=-1, lr_warmup_steps_ratio=0.0, lr_scheduler_type=constant"),  # fmt: skip
+    Setting(ENTROPY, "entropy advantage", "algo.entropy_advantage.enable", True, "+actor.use_entropy_advantage=True"),
+    Setting(ENTROPY, "entropy advantage alpha, kappa",
+            lambda a: (a.algo.entropy_advantage.alpha, a.algo.entropy_advantage.kappa), (0.4, 2.0),
+            "dp_actor.py: advantages += min(0.4 * entropy, |advantages| / 2)"),  # fmt: skip
+    Setting(ENTROPY, "KL loss", "algo.kl.use_loss", True, "run_grpo_entropy_adv.sh: use_kl_loss=True"),
+    Setting(ENTROPY, "KL coefficient", "algo.kl.init_coef", 0.001, "kl_loss_coef=0.001"),
+    Setting(ENTROPY, "KL estimator", "algo.kl.estimator", "k3", "verl default kl_loss_type=low_var_kl"),
+    Setting(ENTROPY, "reference offload", "ref.offload", False, "offload=False: ref.fsdp_config.param_offload"),
+    Setting(ENTROPY, "clip", "actor.eps_clip_low_high", (0.2, 0.2), "clip_ratio_low=0.2, clip_ratio_high=0.2"),
+    Setting(ENTROPY, "dual clip", "actor.dual_clip", 10.0, "run_grpo_entropy_adv.sh: clip_ratio_c=10.0"),
+    Setting(ENTROPY, "loss aggregation", "actor.loss_agg_mode", "seq-mean-token-mean",
+            "run_grpo_entropy_adv.sh: loss_agg_mode=seq-mean-token-mean"),  # fmt: skip
+    Setting(ENTROPY, "overlong buffer", "reward.overlong_buffer_len", None, "enable_overlong_buffer=False"),
+    Setting(ENTROPY, "group filter", "algo.dynamic_filtering_enable", False, "enable_filter_groups=False"),
+    Setting(ENTROPY, "updates per RL step", updates_per_rl_step, 32, "train_prompt_mini_bsz=16 prompts"),
+    Setting(ENTROPY, "weight decay", "actor.adam.weight_decay", 0.1, "optim.weight_decay=0.1"),
+    Setting(ENTROPY, "lr schedule", "actor.lr_scheduler", "constant_with_warmup", "optim.lr_warmup_steps=10"),
 ]
 
 RAY_STUB = """#!{python}
@@ -230,10 +248,10 @@ def test_recipe_rejects_a_meds_switch_other_than_0_or_1(script):
 
 
 @recipes
-def test_recipe_rejects_an_algorithm_other_than_dapo_or_grpo(script):
+def test_recipe_rejects_an_algorithm_it_does_not_know(script):
     run = run_recipe(script, ALGO="ppo")
     assert run.proc.returncode == 2 and not run.called
-    assert "ALGO must be dapo or grpo" in run.proc.stderr
+    assert "ALGO must be dapo, grpo or grpo_entropy_adv, got 'ppo'" in run.proc.stderr
 
 
 # ── The authors' settings ──
@@ -245,7 +263,7 @@ def test_recipe_rejects_an_algorithm_other_than_dapo_or_grpo(script):
     ids=[f"{script}-{'+'.join(s.arms)}-{s.what}" for script in sorted(RECIPES) for s in AUTHORS],
 )
 def test_baseline_matches_the_authors_setting(script, setting):
-    for algo in setting.arms:  # the baselines are the authors' runs: run_dapo.sh and run_grpo.sh
+    for algo in setting.arms:  # the baselines are the authors' runs: run_dapo.sh, run_grpo.sh, run_grpo_entropy_adv.sh
         args = submitted(script, algo, "0").args
         value = setting.read(args) if callable(setting.read) else flatten(args)[setting.read]
         value = tuple(value) if isinstance(value, list) else value
@@ -264,8 +282,9 @@ def test_warmup_lasts_ten_rl_steps(script, tmp_path):
     dataset = tmp_path / "prompts.jsonl"
     num_prompts = 25_600
     dataset.write_text('{"problem": "1 + 1", "answer": "2"}\n' * num_prompts)
-    for extra, episodes in (((), 1), ((), 100), (("--train.batch_size", "8192"), 2)):
-        run = run_recipe(script, *extra, DATASET=str(dataset), NUM_EPISODES=str(episodes), ALGO="dapo")
+    for algo, extra, episodes in (("dapo", (), 1), ("dapo", (), 100), ("dapo", ("--train.batch_size", "8192"), 2),
+                                  ("grpo_entropy_adv", (), 100)):  # fmt: skip
+        run = run_recipe(script, *extra, DATASET=str(dataset), NUM_EPISODES=str(episodes), ALGO=algo)
         assert run.proc.returncode == 0, run.proc.stderr
         args = parse_train_args(run.flags)
         assert args.data.prompt_dataset == str(dataset)
@@ -277,12 +296,11 @@ def test_warmup_lasts_ten_rl_steps(script, tmp_path):
 
 
 @recipes
-def test_both_algorithms_evaluate_alike(script):
+def test_every_algorithm_evaluates_alike(script):
     # run_grpo.sh leaves veRL's greedy validation; one setting (run_meds.sh's) keeps the arms comparable.
-    dapo, grpo = (flatten(submitted(script, algo).args) for algo in ALGOS)
-    assert {k: v for k, v in dapo.items() if k.startswith("eval.")} == {
-        k: v for k, v in grpo.items() if k.startswith("eval.")
-    }
+    evaluations = [{k: v for k, v in flatten(submitted(script, algo).args).items() if k.startswith("eval.")}
+                   for algo in ALGOS]  # fmt: skip
+    assert all(evaluation == evaluations[0] for evaluation in evaluations[1:])
 
 
 @recipes
@@ -324,7 +342,7 @@ def test_meds_and_baseline_arms_differ_only_in_alpha_and_run_directories(script,
 @recipes
 def test_every_arm_writes_to_its_own_directory(script):
     paths = {submitted(script, algo, meds).args.ckpt.path for algo in ALGOS for meds in "01"}
-    assert len(paths) == 4
+    assert len(paths) == 2 * len(ALGOS)
 
 
 def two_steps(maker):

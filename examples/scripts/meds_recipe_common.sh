@@ -3,19 +3,22 @@
 # PROMPT_MAX_LEN, RESPONSE_MAX_LEN, the micro-batch sizes and RUN_BASE. Arguments are the recipe's; they reach the
 # trainer last, so they override any flag below.
 #
-# Two switches pick one of four runs: ALGO=dapo|grpo and MEDS=1|0. The settings are the authors' veRL scripts
-# (github.com/Linxi000/MEDS, recipe/MEDS/) mapped onto OpenRLHF 0.11.2 flags, one comment per mapping:
-#   ALGO=dapo MEDS=1  run_meds.sh    DAPO + MEDS
-#   ALGO=dapo MEDS=0  run_dapo.sh    the DAPO baseline (run_meds.sh without the penalty, otherwise identical)
-#   ALGO=grpo MEDS=0  run_grpo.sh    the GRPO baseline
-#   ALGO=grpo MEDS=1  run_grpo.sh plus the MEDS penalty (the authors publish no script for this run)
+# Two switches pick the run: ALGO=dapo|grpo|grpo_entropy_adv and MEDS=1|0. The settings are the authors' veRL
+# scripts (github.com/Linxi000/MEDS, recipe/MEDS/) mapped onto OpenRLHF 0.11.2 flags, one comment per mapping:
+#   ALGO=dapo MEDS=1              run_meds.sh    DAPO + MEDS
+#   ALGO=dapo MEDS=0              run_dapo.sh    the DAPO baseline (run_meds.sh without the penalty)
+#   ALGO=grpo MEDS=0              run_grpo.sh    the GRPO baseline
+#   ALGO=grpo MEDS=1              run_grpo.sh plus the MEDS penalty (the authors publish no script for it)
+#   ALGO=grpo_entropy_adv MEDS=0  run_grpo_entropy_adv.sh: the entropy-advantage baseline (Cheng et al. 2025)
 # "verl default" marks a setting their scripts leave at the default of veRL's config files in their fork.
 
 # ── Switches, paths, cluster shape ──
 MEDS="${MEDS:-1}"
 case "$MEDS" in 0 | 1) ;; *) echo "MEDS must be 0 or 1, got '$MEDS'" >&2 && exit 2 ;; esac
 ALGO="${ALGO:-dapo}"
-case "$ALGO" in dapo | grpo) ;; *) echo "ALGO must be dapo or grpo, got '$ALGO'" >&2 && exit 2 ;; esac
+case "$ALGO" in dapo | grpo | grpo_entropy_adv) ;; *)
+    echo "ALGO must be dapo, grpo or grpo_entropy_adv, got '$ALGO'" >&2 && exit 2 ;;
+esac
 RUN_NAME="${RUN_NAME:-$RUN_BASE-$ALGO$([[ $MEDS == 1 ]] && echo -meds || true)}"
 REPO_DIR="${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
 # One JSON row per question: the bare question and its reference answer (DAPO-Math-17K + MATH levels 3-5,
@@ -44,16 +47,16 @@ PROMPT_TEMPLATE=$'<|im_start|>system\nPlease reason step by step, and put your f
 PROMPT_TEMPLATE="${INPUT_TEMPLATE:-$PROMPT_TEMPLATE}"
 
 # ── The arm ──
+# optim.lr_warmup_steps=10 (DAPO, entropy advantage) counts RL steps (veRL steps the scheduler once per RL step).
+# 0.11.2 takes a warm-up *ratio* of a horizon that uses every prompt once per episode, N * 16 / train.batch_size *
+# episodes optimizer steps, so 10 RL steps of 512 prompts are 10 * 512 / (N * episodes) of it for any
+# train.batch_size. N: the lines of a local JSONL dataset, else NUM_PROMPTS (default: an estimate, 23k).
+if [[ -z "${NUM_PROMPTS:-}" ]]; then
+    if [[ -f "$DATASET" ]]; then NUM_PROMPTS=$(wc -l <"$DATASET"); else NUM_PROMPTS=23000; fi
+fi
+WARMUP_RATIO=$(awk -v n="$NUM_PROMPTS" -v e="$NUM_EPISODES" \
+    'BEGIN { r = 10 * 512 / (n * e); printf "%.12g", (r < 1 ? r : 1) }')
 if [[ $ALGO == dapo ]]; then
-    # optim.lr_warmup_steps=10 counts RL steps (veRL steps the scheduler once per RL step). 0.11.2 takes a
-    # warm-up *ratio* of a horizon that uses every prompt once per episode, N * 16 / train.batch_size * episodes
-    # optimizer steps, so 10 RL steps of 512 prompts are 10 * 512 / (N * episodes) of it for any train.batch_size.
-    # N: the lines of a local JSONL dataset, else NUM_PROMPTS (default: an estimate, 23k).
-    if [[ -z "${NUM_PROMPTS:-}" ]]; then
-        if [[ -f "$DATASET" ]]; then NUM_PROMPTS=$(wc -l <"$DATASET"); else NUM_PROMPTS=23000; fi
-    fi
-    WARMUP_RATIO=$(awk -v n="$NUM_PROMPTS" -v e="$NUM_EPISODES" \
-        'BEGIN { r = 10 * 512 / (n * e); printf "%.12g", (r < 1 ? r : 1) }')
     ARM_ARGS=(
         --algo.advantage.estimator group_norm       # algorithm.adv_estimator=grpo: (r - mean) / std per group
         --algo.kl.init_coef 0                       # use_kl_loss=False, use_kl_in_reward=False: no reference model
@@ -71,6 +74,25 @@ if [[ $ALGO == dapo ]]; then
     )
     # No 0.11.2 equivalent: filter_groups.max_num_gen_batches=10. 0.11.2 keeps drawing prompts until 512 groups
     # pass the filter (or the episode's prompts run out), without a cap.
+elif [[ $ALGO == grpo_entropy_adv ]]; then
+    # run_grpo_entropy_adv.sh runs veRL's DAPO trainer with GRPO's estimator, a KL loss, symmetric clipping and
+    # neither the group filter nor the overlong buffer. It sets entropy_coeff=0, with which the authors' actor
+    # computes no entropy, so the published script fails at its first update; ours computes it (no entropy loss).
+    ARM_ARGS=(
+        --algo.advantage.estimator group_norm       # adv_estimator=grpo
+        --algo.kl.use_loss                          # use_kl_loss=True, use_kl_in_reward=False
+        --algo.kl.init_coef 0.001                   # kl_loss_coef=0.001
+        --algo.kl.estimator k3                      # verl default kl_loss_type=low_var_kl (k3 clamped to [-10, 10])
+        --actor.eps_clip_low_high 0.2 0.2           # clip_ratio_low=0.2, clip_ratio_high=0.2
+        --actor.dual_clip 10                        # clip_ratio_c=10.0
+        --actor.loss_agg_mode seq-mean-token-mean   # loss_agg_mode=seq-mean-token-mean
+        --train.batch_size 256                      # train_prompt_mini_bsz=16 prompts x 16: 32 updates per RL step
+        --actor.adam.weight_decay 0.1               # optim.weight_decay=0.1
+        --actor.lr_scheduler constant_with_warmup   # optim.lr_warmup_steps=10, then verl's constant lr
+        --actor.lr_warmup_ratio "$WARMUP_RATIO"
+        --algo.entropy_advantage.enable             # +actor.use_entropy_advantage=True: A + min(0.4 H, |A| / 2)
+    )
+    # The reference model is not offloaded here (offload=False sets ref.fsdp_config.param_offload=False).
 else
     ARM_ARGS=(
         --algo.advantage.estimator group_norm       # algorithm.adv_estimator=grpo

@@ -5,6 +5,8 @@
 #   MEDS=0 bash examples/scripts/train_meds_qwen2.5_math_7b.sh            # the DAPO baseline (run_dapo.sh)
 #   ALGO=grpo MEDS=0 bash examples/scripts/train_meds_qwen2.5_math_7b.sh  # the GRPO baseline (run_grpo.sh)
 #   ALGO=grpo bash examples/scripts/train_meds_qwen2.5_math_7b.sh         # GRPO + MEDS
+#   ALGO=grpo_entropy_adv MEDS=0 bash examples/scripts/train_meds_qwen2.5_math_7b.sh
+#                                             # the entropy-advantage baseline (run_grpo_entropy_adv.sh)
 #
 # Submits to the Ray cluster at RAY_ADDRESS; extra arguments are appended to the trainer's flags. Every node of
 # that cluster needs this package and its import hook installed (README), so that every process runs patched code.

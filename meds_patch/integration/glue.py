@@ -120,13 +120,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
+    # The baseline of the paper's comparison that OpenRLHF lacks; off by default, independent of --meds.
+    group = parser.add_argument_group("Entropy advantage (Cheng et al., arXiv:2506.14758; a baseline of the paper)")
+    group.add_argument(
+        "--algo.entropy_advantage.enable",
+        action="store_true",
+        default=False,
+        help="shape each token's advantage in the policy update: A_t + min(alpha * H_t, |A_t| / kappa), H_t detached",
+    )
+    group.add_argument("--algo.entropy_advantage.alpha", type=float, default=0.4, help="entropy scale (default: 0.4)")
+    group.add_argument("--algo.entropy_advantage.kappa", type=float, default=2.0, help="the bonus is at most |A_t| / kappa (default: 2)")
+
+
 def meds_config(args) -> MEDSConfig:
     meds = vars(args.algo.meds)
     return MEDSConfig(**{f.name: meds[f.name] for f in fields(MEDSConfig)})
 
 
 def validate_arguments(args) -> None:
-    """Fail before any Ray actor starts when the MEDS flags cannot work together with the rest."""
+    """Fail before any Ray actor starts when the MEDS or entropy-advantage flags cannot work with the rest."""
+    if entropy_advantage_enabled(args):
+        options = args.algo.entropy_advantage
+        if not (math.isfinite(options.alpha) and options.alpha >= 0):
+            raise ValueError(f"--algo.entropy_advantage.alpha={options.alpha} is invalid: must be a finite number >= 0")
+        if not (math.isfinite(options.kappa) and options.kappa > 0):
+            raise ValueError(f"--algo.entropy_advantage.kappa={options.kappa} is invalid: must be a finite number > 0")
+        # Upstream's actor computes the entropy only for an entropy loss (return_entropy: entropy_coef is not
+        # None). Coefficient 0 computes and logs it and leaves the loss alone.
+        if args.actor.entropy_coef is None:
+            args.actor.entropy_coef = 0.0
     if not enabled(args):
         changed = [f"--algo.meds.{f.name}" for f in FLAGS if getattr(args.algo.meds, f.name) != f.default]
         if changed:
@@ -279,6 +301,24 @@ def finish_capture(policy, capture: ForwardCapture) -> torch.Tensor:
         torch.distributed.all_reduce(values, group=capture.ring_group)
         values = torch.where(capture.valid.to(values.device).unsqueeze(1), values, float("nan"))
     return values.cpu()
+
+
+def entropy_advantage_enabled(args) -> bool:
+    """True with ``--algo.entropy_advantage.enable``; False for args built without it (e.g. by upstream's tests)."""
+    return bool(getattr(getattr(getattr(args, "algo", None), "entropy_advantage", None), "enable", False))
+
+
+def entropy_shaped_advantages(args, experience, advantages: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+    """In the policy update, on each actor rank: the advantages with the entropy bonus (``core.entropy_advantage``);
+    the bonus's mean over the action tokens is logged as ``train/entropy_advantage_bonus``."""
+    from meds_patch.core.entropy_advantage import entropy_advantage
+
+    options = args.algo.entropy_advantage
+    entropy = entropy[:, -advantages.shape[1] :]  # the forward's entropy covers the prompt too, as upstream slices it
+    shaped = entropy_advantage(advantages, entropy, options.alpha, options.kappa)
+    mask = experience.action_mask.to(shaped.dtype)
+    experience.info["entropy_advantage_bonus"] = (((shaped - advantages) * mask).sum() / mask.sum().clamp(min=1)).detach()
+    return shaped
 
 
 # ── Controller: memory, penalties, metrics, checkpoints ──
