@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
-python -m pytest -q tests "$@"
+# The slowest tests are listed at the end, so a CI log shows where its time went.
+python -m pytest -q --durations=30 tests "$@"
