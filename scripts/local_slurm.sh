@@ -15,7 +15,8 @@
 #   PID      `ray stop` (which symmetric-run and the launcher's trap call) ends every Ray process it can see: here
 #            it sees only its node's. The node's slurmd is its namespace's first process, so stopping it ends the
 #            node's every process.
-# Settings: LOCAL_SLURM_DIR (state and logs, default /var/lib/meds-local-slurm), LOCAL_SLURM_SUBNET (default 10.77.0).
+# Settings: LOCAL_SLURM_DIR (state and logs, default /var/lib/meds-local-slurm; start creates it, or takes an empty
+# one, and marks it as its own), LOCAL_SLURM_SUBNET (default 10.77.0).
 set -euo pipefail
 
 STATE="${LOCAL_SLURM_DIR:-/var/lib/meds-local-slurm}"
@@ -23,13 +24,30 @@ SUBNET="${LOCAL_SLURM_SUBNET:-10.77.0}"
 BRIDGE=meds-slurm0
 CONF=/etc/slurm/slurm.conf
 MARK="# written by scripts/local_slurm.sh"
+# start removes a state directory only when this file in it says that start made it: LOCAL_SLURM_DIR is the user's
+# to set, and may name a directory of theirs (their home). stop reads and removes state files only there as well.
+OWNED="$STATE/.made-by-local_slurm.sh"
 CONTROLLER="$SUBNET.254"
 
 die() { echo "local_slurm.sh: $*" >&2; exit 1; }
 
+# The start time of a live process (field 22 of /proc/<pid>/stat), nothing for a zombie or a pid that is gone.
+# Fields are counted after the last ")": the command name before it, in parentheses, may hold spaces and ")".
+start_time() {
+    local stat fields
+    { stat=$(<"/proc/$1/stat"); } 2>/dev/null || return 0
+    read -r -a fields <<<"${stat##*)}"
+    [[ ${fields[0]} == Z ]] || echo "${fields[19]}"
+}
+
 # "pid start-time" lines: a pid is ours only while its start time matches (pids wrap around); a zombie is gone.
-record() { [[ -n $1 ]] || die "a daemon did not start (logs in $STATE/log)"; echo "$1 $(awk '{print $22}' "/proc/$1/stat")" >>"$STATE/pids"; }
-alive() { [[ $(awk '$3 != "Z" {print $22}' "/proc/$1/stat" 2>/dev/null) == "$2" ]]; }
+record() {
+    local start=""
+    [[ -z $1 ]] || start=$(start_time "$1")
+    [[ -n $start ]] || die "a daemon did not start (logs in $STATE/log)"
+    echo "$1 $start" >>"$STATE/pids"
+}
+alive() { local now; now=$(start_time "$1"); [[ -n $now && $now == "$2" ]]; }
 
 in_namespace() { # the host pids of every process in the PID namespace $1 (a /proc/<pid>/ns/pid link target)
     local link
@@ -39,31 +57,72 @@ in_namespace() { # the host pids of every process in the PID namespace $1 (a /pr
     return 0
 }
 
-end_pid() { # SIGTERM, then SIGKILL after 10 s, for a pid we started
-    local pid=$1 start=$2
-    alive "$pid" "$start" || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do alive "$pid" "$start" || return 0; sleep 0.2; done
-    kill -KILL "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do alive "$pid" "$start" || return 0; sleep 0.2; done
+end_pids() { # SIGTERM, then SIGKILL after 10 s, for the pids we started ("pid start-time" lines), all at once
+    local -A todo=()
+    local pid start sig
+    while read -r pid start; do todo[$pid]=$start; done
+    for sig in TERM KILL; do
+        for pid in "${!todo[@]}"; do alive "$pid" "${todo[$pid]}" && kill "-$sig" "$pid" 2>/dev/null; done
+        for _ in $(seq 50); do
+            for pid in "${!todo[@]}"; do alive "$pid" "${todo[$pid]}" || unset "todo[$pid]"; done
+            [[ ${#todo[@]} != 0 ]] || return 0
+            sleep 0.2
+        done
+    done
+}
+
+net_namespaces() { # the nodes' network namespaces: start names them meds-n<i>, and nothing else does
+    ip netns list 2>/dev/null | awk '$1 ~ /^meds-n[0-9]+$/ {print $1}'
+}
+
+node_processes() { # the host pids of what is left in the nodes' network namespaces and the PID namespaces listed in $1
+    local ns
+    if [[ -f $1 ]]; then
+        while read -r ns; do in_namespace "$ns"; done <"$1"
+    fi
+    for ns in $(net_namespaces); do ip netns pids "$ns" 2>/dev/null || true; done
 }
 
 stop() {
-    [[ -f $STATE/pids ]] || { echo "local_slurm.sh: no local Slurm cluster is running"; return 0; }
+    local pid start ns pids="" namespaces="" config="" saved
+    if [[ -f $CONF ]] && [[ $(head -1 "$CONF") == "$MARK"* ]]; then
+        config=$CONF
+        # The cluster of another LOCAL_SLURM_DIR: stopping it from here would take its nodes' network and bridge
+        # but leave its daemons running, their pids being recorded there.
+        saved=$(sed -n 's/^StateSaveLocation=//p' "$CONF")
+        saved=${saved%/ctld}
+        [[ $(realpath -m "$saved") == $(realpath -m "$STATE") ]] ||
+            die "the local Slurm cluster here keeps its state in $saved: LOCAL_SLURM_DIR=$saved $0 stop"
+    fi
+    # Our config naming this directory vouches for it as well: a start before the mark made it.
+    if [[ -f $OWNED || -n $config ]]; then
+        pids=$STATE/pids namespaces=$STATE/pid-namespaces
+    elif [[ -f $STATE/pids ]]; then
+        echo "local_slurm.sh: $STATE was not made by this script (no $OWNED): its pids file is left alone" >&2
+    fi
+    # Not only what start recorded: a start that fails before it records a pid (munged was already running) leaves
+    # the bridge, the config, maybe namespaces, and its EXIT trap has only stop to clean them up.
+    if [[ ! -f $pids && -z $config && -z $(net_namespaces) ]] && ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+        echo "local_slurm.sh: no local Slurm cluster is running"
+        return 0
+    fi
     # Nodes first (each takes its namespace's processes with it), then the controller, then munged.
-    local pid start ns left
-    while read -r pid start; do end_pid "$pid" "$start"; done < <(tac "$STATE/pids")
-    for ns in $(cat "$STATE/pid-namespaces" 2>/dev/null); do
-        for _ in $(seq 50); do left=$(in_namespace "$ns"); [[ -z $left ]] && break; sleep 0.2; done
-        [[ -z $left ]] || { echo "local_slurm.sh: still running in a node's namespace: $left" >&2; kill -KILL $left || true; }
-    done
-    for ns in $(cat "$STATE/net-namespaces" 2>/dev/null); do
+    if [[ -f $pids ]]; then
+        while read -r pid start; do end_pids <<<"$pid $start"; done < <(tac "$pids")
+    fi
+    # Then whatever is still in the nodes' namespaces (a node that a failed start did not record): only this
+    # script makes them, so all of it is ours.
+    for pid in $(node_processes "$namespaces" | sort -u); do
+        start=$(start_time "$pid")
+        [[ -z $start ]] || echo "$pid $start"
+    done | end_pids
+    for ns in $(net_namespaces); do
         ip link del "v-$ns" 2>/dev/null || true
         ip netns del "$ns" 2>/dev/null || true
     done
     ip link del "$BRIDGE" 2>/dev/null || true
-    if [[ -f $CONF ]] && [[ $(head -1 "$CONF") == "$MARK"* ]]; then rm -f "$CONF" /etc/slurm/gres.conf; fi
-    rm -f "$STATE/pids" "$STATE/pid-namespaces" "$STATE/net-namespaces"
+    [[ -z $config ]] || rm -f "$CONF" /etc/slurm/gres.conf
+    [[ -z $pids ]] || rm -f "$pids" "$namespaces"
     echo "local_slurm.sh: stopped (logs in $STATE/log)"
 }
 
@@ -71,6 +130,10 @@ start() {
     local nodes=${1:-2}
     [[ $nodes =~ ^[1-9][0-9]?$ ]] || die "start takes a node count from 1 to 99, got '$nodes'"
     [[ $(id -u) == 0 ]] || die "needs root (network namespaces, slurmd)"
+    if [[ -e $STATE && ! -f $OWNED ]] && [[ ! -d $STATE || -n $(ls -A "$STATE") ]]; then
+        die "$STATE exists, is not an empty directory and was not made by this script (it has no" \
+            "${OWNED##*/}): remove it yourself or set LOCAL_SLURM_DIR to a new or empty directory"
+    fi
     [[ ! -f $STATE/pids ]] || die "a local Slurm cluster is already running (scripts/local_slurm.sh stop first)"
     if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
         echo "installing slurm-wlm and munge ..."
@@ -82,8 +145,10 @@ start() {
     ip link show "$BRIDGE" >/dev/null 2>&1 && die "network device $BRIDGE exists: run scripts/local_slurm.sh stop"
     ip -4 -o addr | grep -q " $SUBNET\." && die "$SUBNET.0/24 is in use here: set LOCAL_SLURM_SUBNET"
 
-    rm -rf "$STATE" && mkdir -p "$STATE/log" "$STATE/gpus" "$STATE/ctld"
-    trap 'status=$?; [[ $status == 0 ]] || { echo "local_slurm.sh: start failed; logs in $STATE/log" >&2; stop >&2; }' EXIT
+    [[ ! -f $OWNED ]] || rm -rf "$STATE" # the last run's; any other directory that holds something was refused
+    mkdir -p "$STATE" && echo "$MARK: start removes this directory and makes it anew" >"$OWNED"
+    mkdir -p "$STATE/log" "$STATE/gpus" "$STATE/ctld"
+    trap '[[ $? == 0 ]] || { echo "local_slurm.sh: start failed; logs in $STATE/log" >&2; stop >&2; }' EXIT
     touch "$STATE/gpus/gpu"{0..7} # gres.conf needs a device file per GPU: plain files, no device behind them
     local host names
     host=$(hostname)
@@ -144,7 +209,7 @@ EOF
         local ns="meds-n$i"
         mkdir -p "$STATE/n$i/spool" "$STATE/n$i/ray" /tmp/ray
         echo "$hosts" >"$STATE/n$i/hosts"
-        ip netns add "$ns" && echo "$ns" >>"$STATE/net-namespaces"
+        ip netns add "$ns"
         ip link add "v-$ns" type veth peer name eth0 netns "$ns"
         ip link set "v-$ns" master "$BRIDGE" && ip link set "v-$ns" up
         ip netns exec "$ns" ip addr add "$SUBNET.$i/24" dev eth0
@@ -186,6 +251,8 @@ EOF
         "scripts/local_slurm.sh stop"
 }
 
+# Sourced (tests/test_local_slurm.py calls start_time, record and alive): the functions only.
+if (return 0 2>/dev/null); then return 0; fi # `return` works only in a function or a sourced file
 case "${1:-}" in
 start) start "${2:-2}" ;;
 stop) stop ;;

@@ -8,13 +8,14 @@ until it is stopped, once Ray runs on both nodes: what they test is the launcher
 
 import os
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from meds_patch.cpu.demo import CPU_ENV, LocalRayCluster, start_time, zombie
+from meds_patch.cpu.cluster import CPU_ENV, LocalRayCluster, start_time, zombie
 from meds_patch.tools.report import find_memory_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +23,7 @@ LAUNCHER = ROOT / "examples" / "scripts" / "train_meds_ray_slurm.sh"
 LOCAL_SLURM = ROOT / "scripts" / "local_slurm.sh"
 STATE = Path("/var/lib/meds-local-slurm")  # local_slurm.sh's default LOCAL_SLURM_DIR
 NODE_ADDRESSES = ("10.77.0.1", "10.77.0.2")
+BRIDGE, CONF, MARK = "meds-slurm0", Path("/etc/slurm/slurm.conf"), "# written by scripts/local_slurm.sh"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a local Slurm needs root (namespaces, slurmd)")
 
@@ -40,15 +42,60 @@ def bystander():
         yield cluster, {pid: start_time(pid) for pid in cluster.own_processes()}
 
 
+def local_slurm(*args, check=True, **env) -> subprocess.CompletedProcess:
+    """scripts/local_slurm.sh with ``args``, ``env`` added to the environment; its output, stdout and stderr apart."""
+    environment = {**os.environ, **{k: str(v) for k, v in env.items()}}
+    result = subprocess.run(
+        ["bash", str(LOCAL_SLURM), *args], env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert not check or result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
 @pytest.fixture(scope="module")
-def slurm(bystander):
+def local_slurm_module(bystander):
     # A cluster left behind by an interrupted run of these tests goes first (stop ends only what its start began).
-    subprocess.run(["bash", str(LOCAL_SLURM), "stop"], check=True, timeout=300)
-    subprocess.run(["bash", str(LOCAL_SLURM), "start", "2"], check=True, timeout=600)
+    local_slurm("stop")
     try:
         yield
     finally:
-        subprocess.run(["bash", str(LOCAL_SLURM), "stop"], check=True, timeout=300)
+        local_slurm("stop")
+
+
+@pytest.fixture
+def slurm(local_slurm_module):
+    """A local Slurm of two nodes: started by the first test that needs it, and again only after a test stopped it,
+    so that the tests pass in any order."""
+    if not (STATE / "pids").exists():
+        local_slurm("start", "2")
+
+
+@pytest.fixture
+def no_slurm(local_slurm_module):
+    """No local Slurm runs (the module's is stopped; the next test that needs it starts it again)."""
+    local_slurm("stop")
+
+
+def ticks(pid: int) -> int:
+    """Field 22 of /proc/<pid>/stat, the start time that local_slurm.sh records, counted after the command name."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
+
+
+def start_time_or_none(pid: int):
+    try:
+        return ticks(pid)
+    except (OSError, IndexError):
+        return None
+
+
+def netns_pids(name: str) -> list:
+    """The processes in the network namespace ``name`` (ip netns add's)."""
+    out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def state_of(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
 
 
 def node_processes() -> dict:
@@ -108,6 +155,53 @@ def wait_for(path: Path, job: str, timeout: float = 300) -> None:
     while not path.exists():
         assert time.time() < deadline and queued(job), f"the recipe did not start in {timeout} s"
         time.sleep(1)
+
+
+def test_start_refuses_a_state_directory_that_it_did_not_make(tmp_path):
+    # LOCAL_SLURM_DIR=$HOME: start used to `rm -rf` it. The refusal comes first, whether a local Slurm runs or not.
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    result = local_slurm("start", "1", check=False, LOCAL_SLURM_DIR=home)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{home} exists, is not an empty directory and was not made by this script" in result.stderr
+    assert [p.name for p in home.iterdir()] == ["notes.txt"] and (home / "notes.txt").read_text() == "mine"
+
+
+def test_start_times_are_read_after_a_command_name_with_spaces_and_parentheses(tmp_path):
+    # A process's command name is its executable's file name: "(sleep (a) b)" is three fields to awk, and an
+    # unbalanced parenthesis is legal too. local_slurm.sh sourced defines its functions and runs nothing.
+    name = tmp_path / "sleep (a) b"
+    name.symlink_to(shutil.which("sleep"))
+    process = subprocess.Popen([str(name), "300"])
+    state = tmp_path / "state"
+    state.mkdir()
+
+    def script(code: str) -> str:
+        command = ["bash", "-c", f'source "$SCRIPT" && {code}']
+        environment = {**os.environ, "SCRIPT": str(LOCAL_SLURM), "LOCAL_SLURM_DIR": str(state)}
+        environment["PID"] = str(process.pid)
+        return subprocess.run(command, env=environment, capture_output=True, text=True, check=True).stdout
+
+    try:
+        deadline = time.time() + 10
+        while Path(f"/proc/{process.pid}/comm").read_text() != "sleep (a) b\n":  # until it has run the executable
+            assert time.time() < deadline, Path(f"/proc/{process.pid}/comm").read_text()
+            time.sleep(0.1)
+        script('record "$PID"')
+        assert (state / "pids").read_text() == f"{process.pid} {ticks(process.pid)}\n"
+        start = str(ticks(process.pid))
+        check = f'alive "$PID" {start} && echo alive || echo gone'
+        assert script(f"{check}; alive \"$PID\" $(({start} + 1)) || echo other") == "alive\nother\n"
+        process.kill()  # not waited for: a zombie, which is gone to the script
+        deadline = time.time() + 10
+        while state_of(process.pid) != "Z" and time.time() < deadline:
+            time.sleep(0.1)
+        assert state_of(process.pid) == "Z"
+        assert script(check) == "gone\n" and script('start_time "$PID"') == ""
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_two_nodes_train_meds_under_sbatch_and_the_checkpoint_holds_the_memory(slurm, tmp_path):
@@ -171,10 +265,58 @@ def test_the_time_limit_signal_runs_the_trap_and_the_job_ends_cleanly(slurm, tmp
 def test_stop_ends_what_start_started_and_the_ray_cluster_beside_runs_on(slurm, bystander):
     cluster, processes = bystander
     daemons = [line.split() for line in (STATE / "pids").read_text().splitlines()]
-    subprocess.run(["bash", str(LOCAL_SLURM), "stop"], check=True, timeout=300)
+    assert (STATE / ".made-by-local_slurm.sh").is_file()  # start's mark: the one directory it will remove
+    local_slurm("stop")
     # Ended: gone, or a zombie left for this machine's init to reap (the daemons' parent exited long ago).
-    assert all(start_time(int(pid)) != int(start) or zombie(int(pid)) for pid, start in daemons)
+    assert all(start_time_or_none(int(pid)) != int(start) or zombie(int(pid)) for pid, start in daemons)
     assert not subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.count("meds-n")
     assert not Path("/etc/slurm/slurm.conf").exists()
     assert {pid: start_time(pid) for pid in processes} == processes  # every one alive, none restarted
     assert cluster.alive_nodes() == 1
+
+
+def test_stop_cleans_up_after_a_start_that_failed_before_recording_a_pid(no_slurm, tmp_path):
+    # What such a start leaves (munged was already running, so nothing recorded): the bridge, the config, a node's
+    # network namespace with its PID namespace and a process in them. Its EXIT trap has only stop to clean up.
+    if CONF.exists():
+        pytest.skip(f"{CONF} is not local_slurm.sh's: this machine has a Slurm of its own")
+    state = tmp_path / "state"  # never made: the start failed before it recorded anything there
+    made, node_process = [], None  # what the stop under test did not clean up goes at the end
+    try:
+        subprocess.run(["ip", "link", "add", BRIDGE, "type", "bridge"], check=True)
+        made.append("bridge")
+        subprocess.run(["ip", "netns", "add", "meds-n1"], check=True)
+        made.append("netns")
+        CONF.parent.mkdir(exist_ok=True)
+        CONF.write_text(f"{MARK} (a local test cluster)\nStateSaveLocation={state}/ctld\n")
+        node_process = subprocess.Popen(
+            ["nsenter", "--net=/var/run/netns/meds-n1", "unshare", "--pid", "--fork", "--mount-proc", "sleep", "300"]
+        )
+        deadline = time.time() + 10
+        while len(netns_pids("meds-n1")) < 2:  # unshare, and sleep, the first process of its PID namespace
+            assert time.time() < deadline, "the node's process did not start"
+            time.sleep(0.1)
+        node = {pid: ticks(pid) for pid in netns_pids("meds-n1")}
+
+        result = local_slurm("stop", LOCAL_SLURM_DIR=state)
+        assert "stopped" in result.stdout, result.stdout + result.stderr
+        assert all(start_time_or_none(pid) != start or zombie(pid) for pid, start in node.items())
+        assert subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True).returncode != 0
+        assert "meds-n" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert not CONF.exists()
+        # Idempotent: nothing left, and stop says so.
+        again = local_slurm("stop", LOCAL_SLURM_DIR=state)
+        assert again.stdout == "local_slurm.sh: no local Slurm cluster is running\n", again.stdout + again.stderr
+        assert not state.exists()
+    finally:
+        if "netns" in made and Path("/var/run/netns/meds-n1").exists():
+            for pid in netns_pids("meds-n1"):
+                os.kill(pid, 9)
+            subprocess.run(["ip", "netns", "del", "meds-n1"], check=True)
+        if node_process is not None:
+            node_process.kill()
+            node_process.wait(timeout=60)
+        if "bridge" in made:
+            subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
+        if CONF.exists() and CONF.read_text().startswith(MARK):
+            CONF.unlink()
