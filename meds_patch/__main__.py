@@ -1,4 +1,4 @@
-"""Commands: ``python -m meds_patch diff | install-hook | demo | report | data``."""
+"""Commands: ``python -m meds_patch diff | install-hook | demo | report | data | eval``."""
 
 import argparse
 import difflib
@@ -7,7 +7,7 @@ import sys
 import sysconfig
 
 from meds_patch.integration import hook
-from meds_patch.tools.data import ALL_SETS, build
+from meds_patch.tools.data import ALL_SETS, EVAL_SETS, build
 
 
 def print_diff() -> int:
@@ -77,6 +77,32 @@ def main(argv=None) -> int:
         metavar="SET",
         help=f"any of {', '.join(ALL_SETS)} (default: all)",
     )
+    evaluation = sub.add_parser(
+        "eval",
+        help="pass@1 and pass@k of model folders on the evaluation sets, with vLLM offline (the paper's Table 1)",
+    )
+    evaluation.add_argument(
+        "--model", action="append", required=True, metavar="DIR",
+        help="a Hugging Face model folder; repeat for more: the first is the baseline the others are compared with",
+    )  # fmt: skip
+    evaluation.add_argument(
+        "--sets", nargs="+", default=EVAL_SETS, metavar="NAME",
+        help=f"evaluation sets, files NAME.jsonl in --data (default: {' '.join(EVAL_SETS)})",
+    )  # fmt: skip
+    evaluation.add_argument(
+        "--data", default=os.path.expanduser("~/data"), help="folder of the sets (default: ~/data)"
+    )
+    evaluation.add_argument("--out", required=True, help="output folder; the same command again continues a run")
+    evaluation.add_argument("--n", type=int, default=128, help="samples per question (default: 128)")
+    evaluation.add_argument("--temperature", type=float, default=1.0, help="(default: 1.0)")
+    evaluation.add_argument("--top-p", type=float, default=1.0, help="(default: 1.0)")
+    evaluation.add_argument("--max-tokens", type=int, default=8192, help="new tokens per sample (default: 8192)")
+    evaluation.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default: 0)")
+    evaluation.add_argument(
+        "--template", default=None,
+        help="prompt with one {} for the question, {{ }} for literal braces (default: the recipes' Qwen-Math prompt)",
+    )  # fmt: skip
+    evaluation.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per model (default: 1)")
     args = parser.parse_args(argv)
     if args.command == "diff":
         return print_diff()
@@ -84,6 +110,19 @@ def main(argv=None) -> int:
         return install_hook()
     if args.command == "data":
         print(build(args.out, args.sets))
+        return 0
+    if args.command == "eval":
+        from meds_patch.tools.evaluate import QWEN_MATH_TEMPLATE, InputError, evaluate
+
+        try:
+            markdown = evaluate(
+                args.model, args.data, args.out, sets=args.sets, template=args.template or QWEN_MATH_TEMPLATE,
+                n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
+                tensor_parallel_size=args.tensor_parallel_size,
+            )  # fmt: skip
+        except InputError as error:
+            evaluation.error(str(error))
+        print(markdown)
         return 0
     if args.command == "report":
         from meds_patch.tools.report import write_report
