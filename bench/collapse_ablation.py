@@ -31,8 +31,6 @@ Results: bench/results/collapse_ablation.json and collapse_ablation.png (--quick
 """
 
 import argparse
-import hashlib
-import inspect
 import json
 import os
 import random
@@ -42,13 +40,14 @@ import tempfile
 import time
 
 import numpy as np
+from dapo_runs import dapo_args, questions, step_intervals, step_times, sums_model, train_ppo_ray
 
-from meds_patch.cpu.demo import CPU_ENV, REWARD_FUNC, LocalRayCluster, submit
-from meds_patch.cpu.tiny_math import cache_root, fine_tune, tiny_model, tiny_tokenizer, write_prompts
+from meds_patch.cpu.cluster import CPU_ENV, LocalRayCluster
+from meds_patch.cpu.tiny_math import write_prompts
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ARMS = {"control": 0.0, "meds": 0.1}
-SFT_MODES = (("right", 0.50), ("dropped_carry", 0.35), ("units_slip", 0.15))
+SFT_MIX = {"carry": (("right", 0.50), ("dropped_carry", 0.35), ("units_slip", 0.15))}
 PASS_KS = (1, 2, 4, 8)
 CURVES = {  # tag in TensorBoard -> label in the plots and the table
     "eval/eval_unbiased_pass@1": "held-out pass@1",
@@ -60,105 +59,6 @@ CURVES = {  # tag in TensorBoard -> label in the plots and the table
     "train/meds/stored_vectors": "stored answers",
     "train/meds/clusters": "clusters",
 }
-
-
-def carry_questions():
-    return [
-        (10 * a1 + a0, 10 * b1 + b0)
-        for a1 in range(1, 9) for b1 in range(1, 9) if a1 + b1 <= 8
-        for a0 in range(1, 10) for b0 in range(1, 10) if a0 + b0 >= 10
-    ]  # fmt: skip
-
-
-def solution(a: int, b: int, mode: str) -> str:
-    units, tens = a % 10 + b % 10, a // 10 + b // 10
-    if mode == "right":
-        steps, total = f"{units}, carry 1. {a // 10} + {b // 10} + 1 = {tens + 1}", a + b
-    elif mode == "dropped_carry":
-        steps, total = f"{units}. {a // 10} + {b // 10} = {tens}", a + b - 10
-    else:  # units_slip: one too many in the units, the rest done right
-        steps, total = f"{units + 1}, carry 1. {a // 10} + {b // 10} + 1 = {tens + 1}", a + b + 1
-    return f" {a % 10} + {b % 10} = {steps}. So the answer is \\boxed{{{total}}}."
-
-
-def carry_model(steps: int = 1200) -> str:
-    """The fine-tuned model's folder, built once and cached by the source of what builds it and ``steps``."""
-    from meds_patch.cpu.tiny_math import PROMPT
-
-    recipe = [inspect.getsource(f) for f in (carry_questions, solution, carry_model, fine_tune, tiny_model)]
-    key = hashlib.sha256(repr((recipe, SFT_MODES, PROMPT, steps)).encode()).hexdigest()[:12]
-    target = os.path.join(cache_root(), f"carry-qwen2-{key}")
-    if os.path.isdir(target):
-        return target
-    rng = random.Random(0)
-    modes, weights = zip(*SFT_MODES)
-    corpus = [
-        PROMPT.format(a=a, b=b) + solution(a, b, rng.choices(modes, weights)[0])
-        for a, b in carry_questions()
-        for _ in range(8)
-    ]
-    tokenizer = tiny_tokenizer()
-    tokenizer.padding_side = "right"
-    model = tiny_model(tokenizer)
-    fine_tune(model, tokenizer, steps, batch_size=32, corpus=corpus)
-    tokenizer.padding_side = "left"
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    os.makedirs(cache_root(), exist_ok=True)
-    staging = tempfile.mkdtemp(dir=cache_root())  # renamed into place: no half-built model is ever cached
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    try:
-        os.rename(staging, target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def run_args(model, folder, seed, alpha, episodes, eval_steps):
-    return [
-        "--actor.model_name_or_path", model, "--reward.remote_url", REWARD_FUNC,
-        "--data.prompt_dataset", os.path.join(folder, "..", "train.jsonl"),
-        "--data.input_key", "prompt", "--data.label_key", "label",
-        "--eval.dataset", os.path.join(folder, "..", "heldout.jsonl"), "--eval.steps", str(eval_steps),
-        "--eval.n_samples_per_prompt", str(max(PASS_KS)), "--eval.temperature", "1.0",
-        "--data.max_len", "160", "--rollout.max_new_tokens", "48",
-        "--actor.num_nodes", "1", "--actor.num_gpus_per_node", "1",
-        "--vllm.num_engines", "1", "--vllm.tensor_parallel_size", "1", "--vllm.gpu_memory_utilization", "0.5",
-        # CPU: no CUDA graphs, gloo weight sync, plain attention (flash-attention 2 has no CPU kernel).
-        "--vllm.enforce_eager", "--vllm.sync_backend", "gloo", "--ds.attn_implementation", "sdpa",
-        "--ds.zero_stage", "2", "--ds.param_dtype", "bf16",
-        # DAPO: group-normalised advantages, dynamic filtering, clip-higher, token-mean, no KL.
-        "--algo.advantage.estimator", "group_norm", "--algo.kl.init_coef", "0",
-        "--algo.dynamic_filtering_enable", "--algo.dynamic_filtering_range", "0", "1",
-        "--actor.eps_clip_low_high", "0.2", "0.28", "--actor.loss_agg_mode", "token-mean",
-        "--actor.entropy_coef", "0",  # entropy logged, not trained on
-        "--rollout.batch_size", "8", "--rollout.n_samples_per_prompt", "8", "--rollout.micro_batch_size", "16",
-        "--train.batch_size", "64", "--train.micro_batch_size", "16", "--rollout.temperature", "1.0",
-        "--train.num_episodes", str(episodes), "--train.seed", str(seed),
-        "--actor.adam.lr", "1e-4", "--actor.lr_scheduler", "constant",
-        "--ckpt.path", os.path.join(folder, "ckpt"), "--ckpt.output_dir", os.path.join(folder, "model"),
-        "--logger.tensorboard_dir", os.path.join(folder, "tensorboard"), "--logger.wandb.run_name", "ablation",
-    ] + ([] if alpha is None else ["--meds", "--algo.meds.num_layers", "4", "--algo.meds.alpha", str(alpha)])  # fmt: skip
-
-
-def series(tensorboard_dir, eval_steps):
-    """{tag: {step: value}}, the wall-clock seconds between consecutive training steps without an evaluation, and
-    {step: wall-clock time} of each step's log."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values, walls = {}, {}
-    for folder, _, files in os.walk(tensorboard_dir):
-        if any(f.startswith("events.out.tfevents") for f in files):
-            events = EventAccumulator(folder, size_guidance={"scalars": 0}).Reload()
-            for tag in events.Tags()["scalars"]:
-                for event in events.Scalars(tag):
-                    values.setdefault(tag, {})[event.step] = event.value
-                    if tag == "train/reward":
-                        walls[event.step] = event.wall_time
-    steps = sorted(walls)
-    pairs = [(a, b) for a, b in zip(steps, steps[1:]) if b == a + 1 and a % eval_steps and b % eval_steps]
-    return values, [walls[b] - walls[a] for a, b in pairs], walls
 
 
 def summarise(runs, seeds, out_json, out_png):
@@ -246,8 +146,8 @@ def main():
     suffix = "_quick" if args.quick else ""
     start = time.time()
     print("preparing the fine-tuned model (cached after the first time) ...", flush=True)
-    model = carry_model()
-    pairs = carry_questions()
+    model = sums_model("carry-qwen2", SFT_MIX)
+    pairs = questions("carry")
     random.Random(0).shuffle(pairs)
     work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="meds-ablation-"))
     os.makedirs(work, exist_ok=True)
@@ -260,11 +160,12 @@ def main():
                 for arm, alpha in ARMS.items():
                     folder = os.path.join(work, f"{arm}-{seed}")
                     print(f"[{time.time() - start:.0f} s] {arm}, seed {seed} ...", flush=True)
-                    argv = run_args(model, folder, seed, alpha, args.episodes, args.eval_steps)
-                    os.makedirs(folder, exist_ok=True)
-                    if submit(cluster, argv, os.path.join(folder, "job.log"), on_line=lambda line: None) != 0:
-                        raise SystemExit(f"the {arm} run of seed {seed} failed: see {folder}/job.log")
-                    values, step_seconds, _ = series(os.path.join(folder, "tensorboard"), args.eval_steps)
+                    argv = dapo_args(
+                        model, folder, seed=seed, episodes=args.episodes, run_name="ablation", alpha=alpha,
+                        eval_steps=args.eval_steps, eval_samples=max(PASS_KS),
+                    )  # fmt: skip
+                    values = train_ppo_ray(cluster, argv, folder)
+                    step_seconds = step_intervals(step_times(folder), args.eval_steps)
                     runs[(arm, seed)] = {"values": values, "step_seconds": step_seconds}
     finally:
         if not args.work:

@@ -62,8 +62,6 @@ Results: bench/results/collapse_experiment[_pilot-ARM-SEED|_quick].json.
 
 import argparse
 import collections
-import hashlib
-import inspect
 import json
 import os
 import random
@@ -74,8 +72,10 @@ import sys
 import tempfile
 import time
 
+from dapo_runs import dapo_args, logged, questions, sums_model, train_ppo_ray
+
 from meds_patch.core.metrics import pass_at_k
-from meds_patch.cpu.demo import CPU_ENV, LocalRayCluster, submit
+from meds_patch.cpu.cluster import CPU_ENV, LocalRayCluster
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SFT_MIX = {
@@ -85,83 +85,23 @@ SFT_MIX = {
 TRAIN_SIZES = {"carry": 48, "nocarry": 16}
 HELDOUT_SIZES = {"carry": 16, "nocarry": 16}
 N_EVAL, EVAL_STEPS, MAX_NEW_TOKENS = 16, 2, 48  # an evaluation takes about 4 s (pilot 3)
-DAPO_META = ["--meds", "--algo.meds.num_layers", "4"]
-ARMS = {
-    "control": DAPO_META + ["--algo.meds.alpha", "0"],
-    "meds-0.05": DAPO_META + ["--algo.meds.alpha", "0.05"],
-    "meds-0.1": DAPO_META + ["--algo.meds.alpha", "0.1"],
-    "meds-0.2": DAPO_META + ["--algo.meds.alpha", "0.2"],
-    "meds-answer-0.1": DAPO_META + ["--algo.meds.alpha", "0.1", "--algo.meds.feature", "answer"],
-    "entropy": DAPO_META + ["--algo.meds.alpha", "0", "--actor.entropy_coef", "0.01"],
-    "entropy-0.05": DAPO_META + ["--algo.meds.alpha", "0", "--actor.entropy_coef", "0.05"],
+ARMS = {  # arm: MEDS's alpha (0: no penalty, the same diagnostics) and the arm's further flags
+    "control": (0, []),
+    "meds-0.05": (0.05, []),
+    "meds-0.1": (0.1, []),
+    "meds-0.2": (0.2, []),
+    "meds-answer-0.1": (0.1, ["--algo.meds.feature", "answer"]),
+    "entropy": (0, ["--actor.entropy_coef", "0.01"]),
+    "entropy-0.05": (0, ["--actor.entropy_coef", "0.05"]),
     # GRPO's KL loss to the reference (k3), which needs the reference model: a third (CPU) "GPU" in the cluster.
-    "kl-0.1": DAPO_META + ["--algo.meds.alpha", "0", "--algo.kl.init_coef", "0.1", "--algo.kl.use_loss",
-                           "--algo.kl.estimator", "k3", "--ref.num_gpus_per_node", "1"],  # fmt: skip
-}
+    "kl-0.1": (0, ["--algo.kl.init_coef", "0.1", "--algo.kl.use_loss", "--algo.kl.estimator", "k3",
+                   "--ref.num_gpus_per_node", "1"]),
+}  # fmt: skip
 TRAIN_TAGS = (
     "train/reward", "train/meds/penalty_mean", "train/meds/wrong_answers_distinct_per_question",
     "train/entropy_loss", "train/meds/cluster_answer_rank_correlation", "train/meds/noise_vote_share",
     "train/response_length",
 )  # fmt: skip
-
-
-def questions(family):
-    return [
-        (10 * a1 + a0, 10 * b1 + b0)
-        for a1 in range(1, 9) for b1 in range(1, 9) if a1 + b1 <= 8
-        for a0 in range(1, 10) for b0 in range(1, 10) if (a0 + b0 >= 10) == (family == "carry")
-    ]  # fmt: skip
-
-
-def solution(a: int, b: int, mode: str) -> str:
-    units, tens = a % 10 + b % 10, a // 10 + b // 10
-    carry = mode in ("right", "units_slip", "spurious_carry") if units >= 10 else mode == "spurious_carry"
-    shown = units + (mode == "units_slip")
-    steps = (
-        f"{shown}, carry 1. {a // 10} + {b // 10} + 1 = {tens + 1}"
-        if carry
-        else f"{shown}. {a // 10} + {b // 10} = {tens}"
-    )
-    total = 10 * (tens + carry) + shown % 10
-    return f" {a % 10} + {b % 10} = {steps}. So the answer is \\boxed{{{total}}}."
-
-
-def task_model(stages=(1200,)) -> str:
-    """The fine-tuned model's folder. Stage i trains stage i - 1's model ``stages[i]`` more steps with a fresh
-    optimizer (seed i); each stage is cached by the source of what builds it and the stages so far."""
-    from transformers import AutoModelForCausalLM
-
-    from meds_patch.cpu.tiny_math import PROMPT, cache_root, fine_tune, tiny_model, tiny_tokenizer
-
-    rng = random.Random(0)
-    corpus = []
-    for family, mix in SFT_MIX.items():
-        modes, weights = zip(*mix)
-        corpus += [PROMPT.format(a=a, b=b) + solution(a, b, rng.choices(modes, weights)[0])
-                   for a, b in questions(family) for _ in range(8)]  # fmt: skip
-    recipe = [inspect.getsource(f) for f in (questions, solution, task_model, fine_tune, tiny_model)]
-    previous = None
-    for i in range(len(stages)):
-        key = hashlib.sha256(repr((recipe, SFT_MIX, PROMPT, stages[: i + 1])).encode()).hexdigest()[:12]
-        target = os.path.join(cache_root(), f"twofamily-qwen2-{key}")
-        if not os.path.isdir(target):
-            tokenizer = tiny_tokenizer()
-            tokenizer.padding_side = "right"
-            model = tiny_model(tokenizer) if previous is None else AutoModelForCausalLM.from_pretrained(previous)
-            fine_tune(model, tokenizer, stages[i], batch_size=32, seed=i, corpus=corpus)
-            tokenizer.padding_side = "left"
-            model.generation_config.eos_token_id = tokenizer.eos_token_id
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
-            os.makedirs(cache_root(), exist_ok=True)
-            staging = tempfile.mkdtemp(dir=cache_root())  # renamed into place: no half-built model is ever cached
-            model.eval().save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            try:
-                os.rename(staging, target)
-            except OSError:
-                shutil.rmtree(staging, ignore_errors=True)
-        previous = target
-    return previous
 
 
 def split():
@@ -234,30 +174,6 @@ def score(rows):
             entry["spurious_carry_share"] = sum(spurious) / len(spurious)
         report[family or "all"] = entry
     return report
-
-
-def run_args(model, folder, seed, arm, episodes, lr):
-    """§5's DAPO run on CPU (collapse_ablation.run_args, the same data layout under ``folder``), with this
-    experiment's evaluation size, learning rate and arm: upstream's parser keeps the last value of a flag."""
-    from collapse_ablation import run_args as dapo_run_args
-
-    overrides = ["--eval.n_samples_per_prompt", str(N_EVAL), "--rollout.max_new_tokens", str(MAX_NEW_TOKENS),
-                 "--actor.adam.lr", str(lr), "--logger.wandb.run_name", "collapse"]  # fmt: skip
-    return dapo_run_args(model, folder, seed, None, episodes, EVAL_STEPS) + overrides + ARMS[arm]
-
-
-def series(tensorboard_dir):
-    """{tag: {step: value}} of every scalar the run logged."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = {}
-    for folder, _, files in os.walk(tensorboard_dir):
-        if any(f.startswith("events.out.tfevents") for f in files):
-            events = EventAccumulator(folder, size_guidance={"scalars": 0}).Reload()
-            for tag in events.Tags()["scalars"]:
-                for event in events.Scalars(tag):
-                    values.setdefault(tag, {})[event.step] = event.value
-    return values
 
 
 def describe(arm, seed, run):
@@ -457,7 +373,7 @@ def main():
                           if args.pilot else "")  # fmt: skip
     start = time.time()
     print("preparing the fine-tuned model (cached after the first time) ...", flush=True)
-    model = task_model()
+    model = sums_model("twofamily-qwen2", SFT_MIX)
     work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="meds-collapse-"))
     os.makedirs(work, exist_ok=True)
     train, heldout = split()
@@ -474,19 +390,20 @@ def main():
             for seed in args.seed:
                 for arm in arms:
                     folder = os.path.join(work, f"{arm}-{seed}")
-                    os.makedirs(folder, exist_ok=True)
+                    wall_file = os.path.join(folder, "wall_seconds")
                     print(f"[{time.time() - start:.0f} s] {arm}, seed {seed} ...", flush=True)
-                    began = time.time()
-                    argv = run_args(model, folder, seed, arm, args.episodes, args.lr)
-                    if os.path.exists(os.path.join(folder, "wall_seconds")):  # a --work folder reused: ran already
-                        wall = float(open(os.path.join(folder, "wall_seconds")).read())
-                    elif submit(cluster, argv, os.path.join(folder, "job.log"), on_line=lambda line: None) != 0:
-                        raise SystemExit(f"the {arm} run of seed {seed} failed: see {folder}/job.log")
+                    alpha, flags = ARMS[arm]
+                    argv = dapo_args(model, folder, seed=seed, episodes=args.episodes, run_name="collapse",
+                                     alpha=alpha, lr=args.lr, max_new_tokens=MAX_NEW_TOKENS, eval_steps=EVAL_STEPS,
+                                     eval_samples=N_EVAL) + flags  # fmt: skip
+                    if os.path.exists(wall_file):  # a --work folder reused: ran already
+                        wall, values = float(open(wall_file).read()), logged(folder)
                     else:
+                        began = time.time()
+                        values = train_ppo_ray(cluster, argv, folder)
                         wall = time.time() - began
-                        with open(os.path.join(folder, "wall_seconds"), "w") as fh:
+                        with open(wall_file, "w") as fh:
                             fh.write(str(wall))
-                    values = series(os.path.join(folder, "tensorboard"))
                     runs[(arm, seed)] = {
                         "wall_seconds": wall,
                         "train": {t: values[t] for t in TRAIN_TAGS if t in values},

@@ -30,14 +30,15 @@ import time
 from collections import Counter, defaultdict
 
 import numpy as np
-from collapse_ablation import RESULTS, carry_model, carry_questions, run_args, series
+import psutil
+from collapse_ablation import RESULTS, SFT_MIX
+from dapo_runs import dapo_args, questions, step_intervals, step_times, sums_model, train_ppo_ray
 
-from meds_patch.cpu.demo import CPU_ENV, LocalRayCluster, submit
+from meds_patch.cpu.cluster import CPU_ENV, LocalRayCluster
 from meds_patch.cpu.tiny_math import write_prompts
 
 ARMS = ("upstream", "meds")
 RATE = 100  # py-spy samples per second
-TICK = os.sysconf("SC_CLK_TCK")  # /proc counts CPU time in these
 # Each part of MEDS as the (file, functions) whose frames it spends its time in. A sample is charged to the part of
 # its innermost MEDS frame, so time spent in hdbscan under the background fit counts as that fit.
 PARTS = {
@@ -89,9 +90,9 @@ def charge(raw_file: str) -> Counter:
 
 
 class ClusterProcesses:
-    """Every process of ``cluster`` while a job runs (its nodes' and the job driver's): the CPU time of each (from /proc, all its threads,
-    native ones included) and of the whole machine, four times a second; with ``spy``, also a py-spy recorder on
-    each Ray worker and vLLM process the job starts, attached as it appears."""
+    """Every process of ``cluster`` while a job runs (its nodes' and the job driver's): the CPU time of each (psutil's,
+    all its threads, native ones included) and of the whole machine, four times a second; with ``spy``, also
+    a py-spy recorder on each Ray worker and vLLM process the job starts, attached as it appears."""
 
     def __init__(self, cluster: LocalRayCluster, folder: str, spy: bool):
         self.cluster, self.folder, self.spy, self.stop = cluster, folder, spy, threading.Event()
@@ -103,18 +104,15 @@ class ClusterProcesses:
         py_spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
         while not self.stop.wait(0.25):
             now = time.time()
-            with open("/proc/stat") as fh:
-                cpu = [int(x) for x in fh.readline().split()[1:]]
-            self.machine.append((now, (sum(cpu) - cpu[3] - cpu[4]) / TICK))  # busy: all but idle and iowait
+            machine = psutil.cpu_times()
+            self.machine.append((now, sum(machine) - machine.idle - machine.iowait))  # busy: all but idle and iowait
             for pid in self.cluster.own_processes():
                 try:
-                    with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                        argv = fh.read().decode(errors="replace").split("\0")
-                    with open(f"/proc/{pid}/stat") as fh:
-                        utime, stime = fh.read().rpartition(")")[2].split()[11:13]
-                except OSError:
+                    process = psutil.Process(pid)
+                    argv, used = process.cmdline(), process.cpu_times()
+                except psutil.Error:
                     continue
-                self.ticks[pid].append((now, (int(utime) + int(stime)) / TICK))
+                self.ticks[pid].append((now, used.user + used.system))
                 title = argv[0].split(".")[0].strip()
                 if not title.startswith(("ray::", "VLLM")):
                     title = " ".join(os.path.basename(a) for a in argv[:2] if a)[:48]
@@ -168,15 +166,14 @@ class ClusterProcesses:
 
 def one_run(cluster, model, work, name, alpha, episodes, profile=False):
     folder = os.path.join(work, name)
-    os.makedirs(folder, exist_ok=True)
-    argv = run_args(model, folder, 0, alpha, episodes, 10**6)
-    cut = argv.index("--algo.dynamic_filtering_enable")  # refills of filtered groups would vary the work per step
-    argv = argv[:cut] + argv[cut + 4 :]
+    # No dynamic filtering (its refills of filtered groups would vary the work per step) and no evaluation.
+    argv = dapo_args(
+        model, folder, seed=0, episodes=episodes, run_name="ablation", alpha=alpha, dynamic_filtering=False
+    )
     with ClusterProcesses(cluster, os.path.join(folder, "processes"), spy=profile) as processes:
-        code = submit(cluster, argv, os.path.join(folder, "job.log"), on_line=lambda line: None)
-    if code != 0:
-        raise SystemExit(f"run {name} failed: see {folder}/job.log")
-    values, intervals, walls = series(os.path.join(folder, "tensorboard"), 10**6)
+        values = train_ppo_ray(cluster, argv, folder)
+    walls = step_times(folder)
+    intervals = step_intervals(walls)
     # CPU per step interval, from the first step's log to the last: start-up and the final save left out
     first, last = min(walls.values()), max(walls.values())
     cpu = {title: seconds / (len(walls) - 1) for title, seconds in processes.cpu_seconds(first, last).items()}
@@ -212,12 +209,11 @@ def main():
     if args.quick:
         args.pairs, args.episodes = 1, 1
     start = time.time()
-    model = carry_model()
-    pairs = carry_questions()
+    model = sums_model("carry-qwen2", SFT_MIX)
+    pairs = questions("carry")
     random.Random(0).shuffle(pairs)
     work = tempfile.mkdtemp(prefix="meds-overhead-")
-    write_prompts(os.path.join(work, "train.jsonl"), pairs[:32])
-    write_prompts(os.path.join(work, "heldout.jsonl"), pairs[32:96])
+    write_prompts(os.path.join(work, "train.jsonl"), pairs[:32])  # collapse_ablation's training questions
     timed, profiled = [], {}
     try:
         with LocalRayCluster(env=CPU_ENV) as cluster:

@@ -68,6 +68,26 @@ def test_an_arm_beats_another_by_the_minimum_effect_and_two_standard_errors():
     assert not beats(control, [0.6, 0.6, 0.6])
 
 
+def test_a_dapo_run_without_evaluation_or_filtering_passes_none_of_their_flags():
+    # step_overhead's runs: the same work every step, and no evaluation between the timed steps.
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    from dapo_runs import dapo_args
+
+    full = dapo_args("MODEL", "/work/run", seed=0, episodes=1, run_name="t", alpha=0.1, eval_steps=5)
+    plain = dapo_args("MODEL", "/work/run", seed=0, episodes=1, run_name="t", dynamic_filtering=False)
+    assert {"--eval.steps", "--algo.dynamic_filtering_enable", "--meds"} <= set(full)
+    assert not [a for a in plain if a.startswith(("--eval.", "--algo.dynamic_filtering", "--meds", "--algo.meds."))]
+
+
+def test_step_intervals_leave_out_the_steps_next_to_an_evaluation():
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    from dapo_runs import step_intervals
+
+    logged_at = {1: 0.0, 2: 1.0, 3: 3.0, 4: 6.0, 5: 10.0, 7: 20.0}  # step 6 not logged: 5 -> 7 is no interval
+    assert step_intervals(logged_at) == [1.0, 2.0, 3.0, 4.0]
+    assert step_intervals(logged_at, eval_steps=3) == [1.0, 4.0]  # 2 -> 3 and 3 -> 4 touch the evaluation at 3
+
+
 def test_step_overhead_charges_py_spy_samples_to_the_memory_parts(tmp_path):
     # The whole bench takes about 20 minutes (BENCHMARKS.md); here its attribution, on real py-spy samples of a
     # process that runs ErrorMemory updates: the critical-path update and the background re-clustering.

@@ -330,19 +330,25 @@ def submit(cluster: LocalRayCluster, args: Sequence[str], log_path: str, on_line
     return job.returncode or (1 if failed_starts else 0)
 
 
-def scalars(tensorboard_dir: str, prefix: str = "") -> Dict[int, Dict[str, float]]:
-    """Every scalar under ``tensorboard_dir`` whose tag starts with ``prefix``, by step."""
+def scalar_events(tensorboard_dir: str, prefix: str = ""):
+    """(tag, event) for every scalar event under ``tensorboard_dir`` whose tag starts with ``prefix``; an event has
+    ``step``, ``value`` and ``wall_time``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    steps: Dict[int, Dict[str, float]] = {}
     for folder, _, files in os.walk(tensorboard_dir):
         if not any(f.startswith("events.out.tfevents") for f in files):
             continue
         events = EventAccumulator(folder, size_guidance={"scalars": 0}).Reload()
         for tag in events.Tags()["scalars"]:
             if tag.startswith(prefix):
-                for event in events.Scalars(tag):
-                    steps.setdefault(event.step, {})[tag] = event.value
+                yield from ((tag, event) for event in events.Scalars(tag))
+
+
+def scalars(tensorboard_dir: str, prefix: str = "") -> Dict[int, Dict[str, float]]:
+    """Every scalar under ``tensorboard_dir`` whose tag starts with ``prefix``, by step."""
+    steps: Dict[int, Dict[str, float]] = {}
+    for tag, event in scalar_events(tensorboard_dir, prefix):
+        steps.setdefault(event.step, {})[tag] = event.value
     return steps
 
 

@@ -12,7 +12,9 @@ import inspect
 import json
 import os
 import shutil
+import sys
 import tempfile
+from typing import List
 
 import torch
 
@@ -82,19 +84,18 @@ def cache_root() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "openrlhf-meds")
 
 
-def prepared_model(steps: int = 150) -> str:
-    """The fine-tuned tiny model's folder (model, tokenizer, generation config), built once and cached.
-
-    The cache key hashes this module's source, so a change to the recipe builds a new model.
-    """
-    key = hashlib.sha256(inspect.getsource(inspect.getmodule(prepared_model)).encode() + str(steps).encode())
-    target = os.path.join(cache_root(), f"tiny-math-qwen2-{key.hexdigest()[:12]}")
+def tuned_model(name: str, corpus: List[str], steps: int, batch_size: int = 16) -> str:
+    """The folder of the tiny Qwen2 fine-tuned ``steps`` steps on ``corpus`` (model, tokenizer, generation config),
+    built once and cached as ``name``-HASH. The hash covers the corpus, the settings and this module's source (the
+    tokenizer, the model and the training), so a change to any of them builds a new model."""
+    recipe = repr((inspect.getsource(sys.modules[__name__]), corpus, steps, batch_size))
+    target = os.path.join(cache_root(), f"{name}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}")
     if os.path.isdir(target):
         return target
     tokenizer = tiny_tokenizer()
     tokenizer.padding_side = "right"
     model = tiny_model(tokenizer)
-    fine_tune(model, tokenizer, steps)
+    fine_tune(model, tokenizer, steps, batch_size=batch_size, corpus=corpus)
     tokenizer.padding_side = "left"
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -108,6 +109,11 @@ def prepared_model(steps: int = 150) -> str:
     except OSError:  # another process finished first
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def prepared_model() -> str:
+    """The demo's model: the tiny Qwen2 after 150 steps on the one-digit sums of ``CORPUS``."""
+    return tuned_model("tiny-math-qwen2", CORPUS, steps=150)
 
 
 def write_prompts(path: str, pairs) -> str:
