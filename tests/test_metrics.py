@@ -53,7 +53,9 @@ def test_no_wrong_rollouts_gives_zeros():
 
 def test_top1_eigen_ratio_is_one_for_rollouts_that_point_one_way():
     # Lengths do not count: rows are scaled to unit length first.
-    assert top1_eigen_ratio(["a"] * 3, [[1.0, 2.0], [2.0, 4.0], [0.5, 1.0]]) == {"top1_eigen_ratio": pytest.approx(1.0)}
+    assert top1_eigen_ratio(["a"] * 3, [[1.0, 2.0], [2.0, 4.0], [0.5, 1.0]]) == {
+        "top1_eigen_ratio": pytest.approx(1.0)
+    }
 
 
 def test_top1_eigen_ratio_of_n_orthonormal_rollouts_is_one_over_n():

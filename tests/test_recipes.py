@@ -67,8 +67,9 @@ class Setting(NamedTuple):
 EVERY = ALGOS
 ENTROPY = ("grpo_entropy_adv",)
 # The authors' settings, one row each (github.com/Linxi000/MEDS, recipe/MEDS/: run_meds.sh and run_dapo.sh for
-# the DAPO arm, run_grpo.sh for the GRPO arm, run_grpo_entropy_adv.sh for the entropy-advantage arm). "verl default" rows are settings their scripts leave at the
-# default of veRL's config files in their fork (verl/trainer/config/).
+# the DAPO arm, run_grpo.sh for the GRPO arm, run_grpo_entropy_adv.sh for the entropy-advantage arm). "verl
+# default" rows are settings their scripts leave at the default of veRL's config files in their fork
+# (verl/trainer/config/).
 AUTHORS = [
     Setting(EVERY, "advantage", "algo.advantage.estimator", "group_norm", "all three: algorithm.adv_estimator=grpo"),
     Setting(EVERY, "prompts per step", "rollout.batch_size", 512, "train_prompt_bsz=512; data.train_batch_size=512"),

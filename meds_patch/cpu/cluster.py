@@ -1,4 +1,5 @@
-"""Local Ray clusters for CPU runs of upstream's ``train_ppo_ray``: the harness the demo, the tests and the benches share.
+"""Local Ray clusters for CPU runs of upstream's ``train_ppo_ray``: the harness that the demo, the tests and the
+benches share.
 
 ``LocalRayCluster`` starts a cluster of its own (free ports, private temp dirs, declared GPUs), ``submit`` runs
 ``train_ppo_ray`` on it through ``ray job submit`` and stops a job whose actors died while starting, ``scalars``

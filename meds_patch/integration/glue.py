@@ -119,7 +119,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             **({"choices": choices} if choices else {"metavar": kind.__name__.strip("_").upper()}),
         )
 
-
     # The baseline of the paper's comparison that OpenRLHF lacks; off by default, independent of --meds.
     group = parser.add_argument_group("Entropy advantage (Cheng et al., arXiv:2506.14758; a baseline of the paper)")
     group.add_argument(
@@ -129,7 +128,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="shape each token's advantage in the policy update: A_t + min(alpha * H_t, |A_t| / kappa), H_t detached",
     )
     group.add_argument("--algo.entropy_advantage.alpha", type=float, default=0.4, help="entropy scale (default: 0.4)")
-    group.add_argument("--algo.entropy_advantage.kappa", type=float, default=2.0, help="the bonus is at most |A_t| / kappa (default: 2)")
+    group.add_argument(
+        "--algo.entropy_advantage.kappa",
+        type=float,
+        default=2.0,
+        help="the bonus is at most |A_t| / kappa (default: 2)",
+    )
 
 
 def meds_config(args) -> MEDSConfig:
@@ -142,7 +146,9 @@ def validate_arguments(args) -> None:
     if entropy_advantage_enabled(args):
         options = args.algo.entropy_advantage
         if not (math.isfinite(options.alpha) and options.alpha >= 0):
-            raise ValueError(f"--algo.entropy_advantage.alpha={options.alpha} is invalid: must be a finite number >= 0")
+            raise ValueError(
+                f"--algo.entropy_advantage.alpha={options.alpha} is invalid: must be a finite number >= 0"
+            )
         if not (math.isfinite(options.kappa) and options.kappa > 0):
             raise ValueError(f"--algo.entropy_advantage.kappa={options.kappa} is invalid: must be a finite number > 0")
         # Upstream's actor computes the entropy only for an entropy loss (return_entropy: entropy_coef is not
@@ -317,7 +323,9 @@ def entropy_shaped_advantages(args, experience, advantages: torch.Tensor, entrop
     entropy = entropy[:, -advantages.shape[1] :]  # the forward's entropy covers the prompt too, as upstream slices it
     shaped = entropy_advantage(advantages, entropy, options.alpha, options.kappa)
     mask = experience.action_mask.to(shaped.dtype)
-    experience.info["entropy_advantage_bonus"] = (((shaped - advantages) * mask).sum() / mask.sum().clamp(min=1)).detach()
+    experience.info["entropy_advantage_bonus"] = (
+        ((shaped - advantages) * mask).sum() / mask.sum().clamp(min=1)
+    ).detach()
     return shaped
 
 
@@ -409,7 +417,10 @@ def shape_rewards(maker, experiences: List) -> None:
         del exp.meds
         offset += n
     state.last_step = state.memory.last_step
-    state.diversity = {**wrong_answer_diversity(keys, correct, answers), **top1_eigen_ratio(keys, np.concatenate(features))}
+    state.diversity = {
+        **wrong_answer_diversity(keys, correct, answers),
+        **top1_eigen_ratio(keys, np.concatenate(features)),
+    }
     state.agreement = cluster_answer_agreement(correct, state.memory.last_votes, state.wrong_answers.last_votes.sizes)
     state.seconds = time.perf_counter() - start
 
