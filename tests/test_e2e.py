@@ -62,10 +62,15 @@ def test_every_step_with_a_history_logs_whether_the_clusters_track_answers(sync_
     assert all(-1 <= rho <= 1 for rho in sync_run.series("train/meds/cluster_answer_rank_correlation"))
 
 
-def test_every_step_logs_the_spectral_concentration_of_its_rollouts(sync_run):
-    # 4 layer logits a rollout: the largest of 4 eigenvalues that sum to 1 is at least 1/4.
-    ratios = sync_run.series("train/meds/top1_eigen_ratio")
-    assert len(ratios) == 3 and all(0.25 - 1e-6 <= ratio <= 1 + 1e-6 for ratio in ratios)
+def test_the_spectral_concentration_of_the_rollouts_is_logged_where_they_have_features(sync_run):
+    # 4 layer logits a rollout: the largest of 4 eigenvalues that sum to 1 is at least 1/4. At lr 1e-3 the policy
+    # may stop writing \boxed{} within the run: a step where no question keeps two rollouts with a feature logs none.
+    steps = sync_run.scalars("train/meds/")
+    ratios = {
+        step: v["train/meds/top1_eigen_ratio"] for step, v in steps.items() if "train/meds/top1_eigen_ratio" in v
+    }
+    assert 1 in ratios and all(0.25 - 1e-6 <= ratio <= 1 + 1e-6 for ratio in ratios.values())
+    assert all(steps[step]["train/meds/without_feature_share"] > 0.5 for step in set(steps) - set(ratios))
 
 
 def test_a_successful_run_prints_no_traceback(sync_run):
