@@ -181,8 +181,52 @@ def _adapt_zero3_blocking_gather(module) -> None:
     module.Init._allgather_params_coalesced = allgather_params_coalesced
 
 
+def _adapt_flash_attn_kernels(module) -> None:
+    if _cuda_present():
+        return
+    # flash-attn registers its four kernels (varlen and fixed-length, forward and backward) for CUDA only; packing
+    # reaches them through transformers' flash_attention_2 and ring attention calls them directly. Plain-torch
+    # kernels with the same signatures and the log-sum-exp (flash_attention.py) take the CPU's place.
+    from meds_patch.cpu.flash_attention import register_cpu_kernels
+
+    register_cpu_kernels()
+
+
+def _adapt_transformers_flash_check(module) -> None:
+    if _cuda_present():
+        return
+
+    # is_flash_attn_2_available() wants CUDA besides the package; without it, transformers refuses
+    # attn_implementation="flash_attention_2", which upstream forces whenever --ds.packing_samples is on. The CPU
+    # kernels above make the package usable, so its presence is the answer here.
+    def is_flash_attn_2_available(kernels_fallback_ok: bool = False) -> bool:
+        return importlib.util.find_spec("flash_attn") is not None
+
+    module.is_flash_attn_2_available = is_flash_attn_2_available
+
+
+def _adapt_transformers_flash_devices(module) -> None:
+    if _cuda_present():
+        return
+    # After loading, transformers raises for a flash-attention model whose weights are on CPU unless one of the
+    # devices it lists for flash-attention 2 is available: the CPU is one here.
+    flash2 = module.FLASH_ATTENTION_COMPATIBILITY_MATRIX[2]
+    flash2["supported_devices"] = (*flash2["supported_devices"], (lambda: True, "cpu"))
+
+
+def _adapt_vllm_cpu_sleep(module) -> None:
+    # vLLM's CPU worker implements sleep and wake_up as no-ops (it has no CUDA memory pool to release), but the
+    # platform check refuses enable_sleep_mode before any of it runs. Allowing it lets --vllm.enable_sleep take
+    # upstream's path: the engines are asked to sleep and wake around every phase, and keep their memory.
+    module.CpuPlatform.is_sleep_mode_available = lambda self: True
+
+
 ADAPTATIONS = {
     "deepspeed.runtime.zero.partition_parameters": _adapt_zero3_blocking_gather,
+    "flash_attn.flash_attn_interface": _adapt_flash_attn_kernels,
+    "transformers.utils.import_utils": _adapt_transformers_flash_check,
+    "transformers.modeling_flash_attention_utils": _adapt_transformers_flash_devices,
+    "vllm.platforms.cpu": _adapt_vllm_cpu_sleep,
     "openrlhf": _adapt_torch_cuda,
     "openrlhf.trainer.ppo_utils.replay_buffer": _adapt_replay_buffer,
     "openrlhf.utils.distributed_util": _adapt_weight_sync_group,
