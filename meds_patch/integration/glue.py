@@ -63,6 +63,7 @@ class ForwardCapture:
     target: Optional[torch.Tensor] = None  # (B,) each row's answer token, the one whose logit is read
     valid: Optional[torch.Tensor] = None  # (B,) rows with an answer position
     ring_group: Any = None  # packed ring attention: each answer position lives on one rank of this group
+    failure: Optional[str] = None  # why this rank has no features: the controller raises it
 
 
 @dataclass
@@ -188,6 +189,17 @@ def validate_arguments(args) -> None:
         )
     if args.ckpt.disable_ds:
         logger.warning("MEDS: --ckpt.disable_ds saves no checkpoint state, so the error memory is lost on restart")
+    # Upstream rewrites some flags after parsing (packing forces flash-attention 2, ring attention forces packing,
+    # vLLM sleep needs colocation): one line of what this run really uses where the features are read.
+    resolved = {
+        "ds.packing_samples": args.ds.packing_samples, "ds.attn_implementation": args.ds.attn_implementation,
+        "ds.ring_attn_size": args.ds.ring_attn_size, "ds.zero_stage": args.ds.zero_stage,
+        "train.colocate_all": args.train.colocate_all, "vllm.enable_sleep": args.vllm.enable_sleep,
+        "ds.enable_sleep": args.ds.enable_sleep, "vllm.sync_backend": args.vllm.sync_backend,
+        "actor.gradient_checkpointing_enable": args.actor.gradient_checkpointing_enable,
+        "algo.meds.num_layers": args.algo.meds.num_layers,
+    }  # fmt: skip
+    print("MEDS: settings as upstream resolved them: " + " ".join(f"{k}={v}" for k, v in resolved.items()), flush=True)
 
 
 HOOK_MISSING = (
@@ -251,62 +263,95 @@ def start_capture(policy, sequences: torch.Tensor, attention_mask: torch.Tensor,
     if args.algo.meds.feature == "answer":  # the memory keeps answers: nothing to read from the layers
         return ForwardCapture(hidden=None)
     stale = getattr(policy, "meds_capture", None)
-    if stale is not None:  # left behind by a forward that raised
+    if stale is not None and stale.hidden is not None:  # left behind by a forward that raised
         stale.hidden.__exit__(None, None, None)
-    batch, length = sequences.shape
-    # action_mask covers the last A - 1 transitions: token j of the response window is sequences[:, length - A + j].
-    # A row without action tokens has no response to search (its prompt may well ask for a \boxed{}).
-    response_start = torch.where(
-        action_mask.any(1), action_mask.long().argmax(1) + length - action_mask.shape[1], length
-    )
-    positions = find_answer_positions(
-        sequences,
-        response_start,
-        policy.tokenizer,
-        args.algo.meds.anchor,
-        attention_mask=attention_mask,
-        search=args.algo.meds.anchor_search,
-    )
-    rows = torch.arange(batch)
-    valid = positions >= 0
-    target = sequences.cpu()[rows, (positions + 1).clamp(max=length - 1)]
-    ring_group = policy.strategy.ring_attn_group
-    if args.ds.packing_samples:
-        # Packing keeps the attended tokens only, row after row: the packed index is a running count of the mask.
-        packed = attention_mask.cpu().flatten().long().cumsum(0) - 1
-        flat = torch.where(valid, packed[rows * length + positions.clamp(min=0)], -1)
-        num_tokens = int(attention_mask.sum())
-        if ring_group is not None:
-            ring_size = torch.distributed.get_world_size(ring_group)
-            num_tokens = math.ceil(num_tokens / ring_size)  # upstream pads the packed sequence to split it evenly
-            start = torch.distributed.get_rank(ring_group) * num_tokens
-            flat = torch.where(valid & (flat >= start) & (flat < start + num_tokens), flat - start, -1)
-    else:
-        flat = torch.where(valid, rows * length + positions, -1)
-        num_tokens = batch * length
-    hidden = AnswerHiddenStates(policy.actor.model, flat, num_tokens, args.algo.meds.num_layers)
-    policy.meds_capture = ForwardCapture(
-        hidden.__enter__(), target, valid, ring_group if args.ds.packing_samples else None
-    )
+    ring_group = policy.strategy.ring_attn_group if args.ds.packing_samples else None
+    try:
+        batch, length = sequences.shape
+        # action_mask covers the last A - 1 transitions: token j of the response window is
+        # sequences[:, length - A + j]. A row without action tokens has no response to search (its prompt may well
+        # ask for a \boxed{}).
+        response_start = torch.where(
+            action_mask.any(1), action_mask.long().argmax(1) + length - action_mask.shape[1], length
+        )
+        positions = find_answer_positions(
+            sequences,
+            response_start,
+            policy.tokenizer,
+            args.algo.meds.anchor,
+            attention_mask=attention_mask,
+            search=args.algo.meds.anchor_search,
+        )
+        rows = torch.arange(batch)
+        valid = positions >= 0
+        target = sequences.cpu()[rows, (positions + 1).clamp(max=length - 1)]
+        if args.ds.packing_samples:
+            # Packing keeps the attended tokens only, row after row: the packed index is a running count of the
+            # mask.
+            packed = attention_mask.cpu().flatten().long().cumsum(0) - 1
+            flat = torch.where(valid, packed[rows * length + positions.clamp(min=0)], -1)
+            num_tokens = int(attention_mask.sum())
+            if ring_group is not None:
+                ring_size = torch.distributed.get_world_size(ring_group)
+                num_tokens = math.ceil(num_tokens / ring_size)  # upstream pads the packed sequence to split it
+                start = torch.distributed.get_rank(ring_group) * num_tokens
+                flat = torch.where(valid & (flat >= start) & (flat < start + num_tokens), flat - start, -1)
+        else:
+            flat = torch.where(valid, rows * length + positions, -1)
+            num_tokens = batch * length
+        hidden = AnswerHiddenStates(policy.actor.model, flat, num_tokens, args.algo.meds.num_layers)
+        policy.meds_capture = ForwardCapture(hidden.__enter__(), target, valid, ring_group)
+    except Exception as error:
+        # Raised here, it would stop this rank while the others go on into the forward's collectives: the forward
+        # runs without hooks instead, and finish_capture hands the failure to the controller.
+        no_rows = torch.full((len(sequences),), -1)
+        hidden = AnswerHiddenStates(policy.actor.model, no_rows, -1, args.algo.meds.num_layers)
+        policy.meds_capture = ForwardCapture(
+            hidden, no_rows, no_rows >= 0, ring_group, failure=f"{type(error).__name__}: {error}"
+        )
     return policy.meds_capture
 
 
 @torch.no_grad()
-def finish_capture(policy, capture: ForwardCapture) -> torch.Tensor:
+def finish_capture(policy, capture: ForwardCapture):
     """Remove the hooks and return the (B, K) float32 features on CPU (NaN rows: no answer position); None when
-    the memory keeps answers."""
+    the memory keeps answers; a message (str) when the capture failed on this rank, which the controller raises."""
     if capture.hidden is None:
         return None
-    capture.hidden.__exit__(None, None, None)
     policy.meds_capture = None
-    values = capture.hidden.logits(capture.target)
+    hidden = capture.hidden
+    hidden.__exit__(None, None, None)
+    if capture.failure is None and any(state is None for state in hidden.states):
+        capture.failure = f"no forward of {hidden.num_tokens} tokens reached the hooked blocks"
+    if capture.failure is not None:
+        # This rank still runs the norm, the LM head and the ring all-reduce below, on zeros: the other ranks meet it
+        # in those collectives (ZeRO-3 gathers the parameters, ring attention sums the features), and a rank that
+        # stopped here would leave them waiting for good. The controller raises the failure for the whole step.
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        capture.failure = f"MEDS: the feature capture failed on policy rank {rank}: {capture.failure}"
+        logger.error(capture.failure)
+        parameter = next(policy.actor.model.parameters())
+        width = policy.actor.model.config.get_text_config().hidden_size
+        placeholder = torch.zeros(len(hidden.flat_index), width, dtype=parameter.dtype, device=parameter.device)
+        hidden.states = [placeholder] * len(hidden.blocks)
+    values = hidden.logits(capture.target)
     if capture.ring_group is not None:
-        # Each position lives on exactly one ring rank: sum the ranks' shares so every duplicate rank agrees.
-        mine = (capture.hidden.flat_index >= 0).to(values.device).unsqueeze(1)
+        # Each position lives on exactly one ring rank: sum the ranks' shares so every duplicate rank agrees. A last
+        # column counts the ranks whose capture failed, so that every rank of the ring reports it (the controller
+        # may read any one of them).
+        mine = (hidden.flat_index >= 0).to(values.device).unsqueeze(1)
         values = torch.where(mine, values, torch.zeros_like(values))
+        failed = torch.full_like(values[:, :1], float(capture.failure is not None))
+        values = torch.cat([values, failed], dim=1)
         torch.distributed.all_reduce(values, group=capture.ring_group)
+        values, failed = values[:, :-1], values[0, -1]
+        if capture.failure is None and failed > 0:
+            capture.failure = (
+                f"MEDS: the feature capture failed on {int(failed)} ring-attention peer(s) of policy rank "
+                f"{torch.distributed.get_rank()} (the failing rank's log gives the reason)"
+            )
         values = torch.where(capture.valid.to(values.device).unsqueeze(1), values, float("nan"))
-    return values.cpu()
+    return capture.failure or values.cpu()
 
 
 def entropy_advantage_enabled(args) -> bool:
@@ -342,6 +387,8 @@ def attach_features(samples_list: List, results: List) -> List[torch.Tensor]:
                 f"MEDS: an actor rank returned log-probs without features: the meds_patch import hook on its node "
                 f"{HOOK_MISSING}"
             )
+        if isinstance(result[1], str):  # finish_capture's message: that rank's capture failed
+            raise RuntimeError(result[1])
         samples.meds = RolloutValues(features=result[1])
         log_probs.append(result[0])
     return log_probs
