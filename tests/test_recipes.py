@@ -406,6 +406,15 @@ def test_recipe_renders_the_qwen_math_prompt(script):
 
 
 @recipes
+def test_the_cpu_recipe_model_was_trained_under_the_recipes_prompt(script):
+    # demo --recipe's tiny model learns to answer under tiny_math.QWEN_MATH_TEMPLATE: it must be the recipe's.
+    from meds_patch.cpu.tiny_math import QWEN_MATH_TEMPLATE
+
+    template = submitted(script).args.data.input_template
+    assert template.format("what is 2 + 3?") == QWEN_MATH_TEMPLATE.format("what is 2 + 3?")
+
+
+@recipes
 def test_recipe_rewards_with_the_math_verify_function_shipped_in_its_working_dir(script):
     result = submitted(script)
     working_dir = json.loads(ray_option(result.run.ray_options, "--runtime-env-json"))["working_dir"]

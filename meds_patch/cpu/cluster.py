@@ -268,20 +268,24 @@ def actor_nodes(cluster: LocalRayCluster) -> Dict[str, List[str]]:
     return {name: sorted(where) for name, where in sorted(placed.items())}
 
 
-def stop_on_a_failed_start(cluster: LocalRayCluster, submission_id: str, done: threading.Event, found: List[str]):
+def stop_on_a_failed_start(
+    cluster: LocalRayCluster, submission_id: Optional[str], done: threading.Event, found: List[str]
+):
     """Every 10 s until ``done``: when an actor's creation task has failed, put its error in ``found`` and stop the
-    job. Upstream's driver does not hear of it: it waits for actors that wait for the dead one (a vLLM engine that
-    could not load its reward function left the job silent for over 12 minutes)."""
+    job (``submission_id``; None: the one job of a cluster of our own). Upstream's driver does not hear of it: it
+    waits for actors that wait for the dead one (a vLLM engine that could not load its reward function left the job
+    silent for over 12 minutes)."""
     job_id = None  # Ray's id of the job, known once its driver runs; actors of earlier jobs are not this one's
     while not done.wait(10):
         from ray.util.state import list_actors, list_jobs  # once a job runs: ray takes seconds to import
 
         try:
             if job_id is None:
-                jobs = list_jobs(address=cluster.address, filters=[("submission_id", "=", submission_id)], timeout=10)
-                job_id = jobs[0].job_id if jobs else None
-                if job_id is None:
+                filters = [("submission_id", "=", submission_id)] if submission_id else None
+                jobs = [job for job in list_jobs(address=cluster.address, filters=filters, timeout=10) if job.job_id]
+                if not jobs:
                     continue
+                job_id, submission_id = jobs[0].job_id, jobs[0].submission_id
             filters = [("state", "=", "DEAD"), ("job_id", "=", job_id)]
             dead = list_actors(address=cluster.address, filters=filters, detail=True, limit=1000, timeout=10)
         except Exception:  # the state API can be slow to answer on a busy machine: ask again next time
@@ -298,20 +302,33 @@ def stop_on_a_failed_start(cluster: LocalRayCluster, submission_id: str, done: t
 
 
 def submit(cluster: LocalRayCluster, args: Sequence[str], log_path: str, on_line: Callable[[str], None] = print):
-    """``ray job submit -- python -m openrlhf.cli.train_ppo_ray ARGS``; the job's output goes to ``log_path`` and
-    each line to ``on_line``. Returns the exit code of ``ray job submit`` (non-zero when the job failed). An actor
-    that dies while starting stops the job, and its error ends the output."""
+    """``ray job submit -- python -m openrlhf.cli.train_ppo_ray ARGS``: see ``run_job``."""
     submission_id = f"meds-{uuid.uuid4().hex[:8]}"
     command = [
         os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", cluster.address,
         "--submission-id", submission_id, "--", sys.executable, "-m", "openrlhf.cli.train_ppo_ray", *args,
     ]  # fmt: skip
+    return run_job(cluster, command, log_path, on_line, submission_id)
+
+
+def run_job(
+    cluster: LocalRayCluster,
+    command: Sequence[str],
+    log_path: str,
+    on_line: Callable[[str], None] = print,
+    submission_id: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+) -> int:
+    """Run ``command``, which submits one job to ``cluster`` and follows it (``ray job submit``, or a recipe script
+    that calls it; ``submission_id`` None: the cluster is ours and runs no other job). Its output goes to
+    ``log_path`` and each line to ``on_line``. Returns its exit code (non-zero when the job failed). An actor that
+    dies while starting stops the job, and its error ends the output."""
     done, failed_starts = threading.Event(), []
     watch = threading.Thread(
         target=stop_on_a_failed_start, args=(cluster, submission_id, done, failed_starts), daemon=True
     )
     with open(log_path, "a") as log, subprocess.Popen(
-        command, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        command, env=env or cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
     ) as job:
         watch.start()
         try:

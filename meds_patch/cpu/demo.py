@@ -18,9 +18,18 @@ import sys
 import tempfile
 import time
 import types
-from typing import List, Optional
+from typing import Callable, List, Optional
 
-from meds_patch.cpu.cluster import CPU_ENV, CPU_FLAGS, REWARD_FUNC, LocalRayCluster, actor_nodes, scalars, submit
+from meds_patch.cpu.cluster import (
+    CPU_ENV,
+    CPU_FLAGS,
+    REWARD_FUNC,
+    LocalRayCluster,
+    actor_nodes,
+    run_job,
+    scalars,
+    submit,
+)
 
 QUESTIONS = [(7, 8), (9, 6), (5, 9), (8, 8)]  # sums the tiny model gets right only sometimes
 
@@ -63,7 +72,8 @@ class StepPrinter:
 
     def __call__(self, line: str) -> None:
         if "MEDS" in line or "Error" in line:
-            print(f"  job: {line.strip()[:200]}", flush=True)
+            line = line.strip()
+            print(f"  job: {line if line.startswith('MEDS: ') else line[:200]}", flush=True)  # ours in full
         if time.time() - self.polled > 2:
             self.poll()
 
@@ -80,6 +90,39 @@ class StepPrinter:
                     for name, where in actor_nodes(self.cluster).items():
                         print(f"  {name}: {', '.join(where)}", flush=True)
                     self.cluster = None
+
+
+def follow_job(cluster, save: str, run_job: Callable, what: str) -> int:
+    """Start ``cluster`` (a context manager), run ``run_job(cluster, on_line)`` in it, print each step's MEDS values as
+    they arrive, and stop the cluster on exit, error, Ctrl-C or SIGTERM. Returns the job's exit code; on failure the
+    end of ``save``/job.log is printed."""
+    # A signal can land in library code that swallows the exception (a bare ``except:`` around an import): it is
+    # raised again at each job line.
+    signals = []
+
+    def stop_on(signum, frame):
+        signals.append(signum)
+        raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+
+    def on_line(line):
+        if signals:
+            stop_on(signals[0], None)
+        printer(line)
+
+    signal.signal(signal.SIGINT, stop_on)
+    signal.signal(signal.SIGTERM, stop_on)
+    with cluster as cluster:
+        print(f"submitting {what}; job log: {save}/job.log", flush=True)
+        printer = StepPrinter(os.path.join(save, "tensorboard"), cluster)
+        code = run_job(cluster, on_line)
+        if signals:  # the last line came before the signal was raised again
+            stop_on(signals[0], None)
+        printer.poll()
+    if code != 0:
+        with open(os.path.join(save, "job.log"), errors="replace") as fh:
+            print("".join(fh.readlines()[-40:]), file=sys.stderr)
+        print(f"meds_patch demo: the job failed (exit code {code}); full log: {save}/job.log", file=sys.stderr)
+    return code
 
 
 def run_demo(
@@ -136,39 +179,88 @@ def run_demo(
               f"dir {cluster.temp_dir}) ...", flush=True)  # fmt: skip
     else:  # someone else's cluster: used as it is, and left running
         cluster = contextlib.nullcontext(types.SimpleNamespace(address=address, env=dict(os.environ)))
-    # Ctrl-C and SIGTERM end the demo through the with-block, which stops the cluster. A signal can land in library
-    # code that swallows the exception (a bare ``except:`` around an import): it is raised again at each job line.
-    signals = []
-
-    def stop_on(signum, frame):
-        signals.append(signum)
-        raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
-
-    def on_line(line):
-        if signals:
-            stop_on(signals[0], None)
-        printer(line)
-
-    signal.signal(signal.SIGINT, stop_on)
-    signal.signal(signal.SIGTERM, stop_on)
-    with cluster as cluster:
-        print(f"submitting train_ppo_ray --meds ({'resuming at step ' + str(done + 1) if resume else 'new run'}, "
-              f"alpha {'default' if alpha is None else alpha}); job log: {save}/job.log", flush=True)  # fmt: skip
-        printer = StepPrinter(os.path.join(save, "tensorboard"), cluster)
-        code = submit(cluster, args, os.path.join(save, "job.log"), on_line)
-        if signals:  # the last line came before the signal was raised again
-            stop_on(signals[0], None)
-        printer.poll()
+    what = (f"train_ppo_ray --meds ({'resuming at step ' + str(done + 1) if resume else 'new run'}, "
+            f"alpha {'default' if alpha is None else alpha})")  # fmt: skip
+    code = follow_job(cluster, save, lambda cluster, on_line: submit(cluster, args, f"{save}/job.log", on_line), what)
     if code != 0:
-        with open(os.path.join(save, "job.log"), errors="replace") as fh:
-            print("".join(fh.readlines()[-40:]), file=sys.stderr)
-        print(
-            f"meds_patch demo: the job failed (ray job submit exited {code}); full log: {save}/job.log",
-            file=sys.stderr,
-        )
         return 1
     with open(state_file, "w") as fh:
         json.dump({"steps": done + steps, "nodes": nodes, "alpha": alpha}, fh)
     print(f"done in {time.time() - start:.0f} s: checkpoints in {save}/ckpt, TensorBoard events in {save}/tensorboard")
     print(f"continue with: python -m meds_patch demo --resume {save}")
+    return 0
+
+
+# Sums the recipe model gets right about half the time (so DAPO's filter keeps their groups), and others to evaluate.
+RECIPE_QUESTIONS = [(5, 3), (3, 8), (6, 4), (7, 8), (2, 5), (5, 8), (8, 6), (2, 9)]
+RECIPE_EVAL_QUESTIONS = [(4, 7), (6, 6), (4, 3), (7, 3)]
+# What a CPU cannot do as a GPU recipe asks, appended after the recipe's own flags (the last value of a flag wins),
+# each with its reason. Everything else runs as the recipe writes it: packing with flash-attention 2, ZeRO-3,
+# colocation, DeepSpeed's and vLLM's sleep, gradient checkpointing, the arm's options, evaluation, save_hf. The CPU
+# backend (backend.py) adapts the rest underneath: flash-attention's kernels and transformers' checks for them,
+# vLLM's sleep check (its CPU worker sleeps as a no-op), NCCL weight-sync groups, CUDA device calls.
+RECIPE_CPU_ARGS = [
+    (["--vllm.sync_backend", "gloo"], "NCCL needs CUDA (with colocation, upstream would send weights as CUDA IPC)"),
+    (["--vllm.enforce_eager"], "no CUDA graphs on a CPU"),
+    (["--rollout.batch_size", str(len(RECIPE_QUESTIONS)), "--rollout.n_samples_per_prompt", "8",
+      "--train.batch_size", "16"], "a step of 512 prompts x 16 samples would take a day on a laptop: 8 x 8"),
+]  # fmt: skip
+
+
+def run_recipe(recipe: str, steps: int, save: Optional[str], extra: List[str]) -> int:
+    """Run a GPU recipe script (examples/scripts/train_meds_*.sh) unchanged on a local Ray cluster of one node with
+    two declared GPUs: the recipe's own variables point it at the 14-block tiny model, the sums as its dataset and
+    evaluation set, short lengths and this cluster; ``RECIPE_CPU_ARGS`` and then ``extra`` follow its flags. ALGO,
+    MEDS and ALPHA come from the environment, as the recipes take them."""
+    from meds_patch.cpu.tiny_math import QUESTION, recipe_model
+
+    start = time.time()
+    recipe = os.path.abspath(recipe)
+    if not os.path.isfile(recipe):
+        print(f"meds_patch demo: no recipe script at {recipe}", file=sys.stderr)
+        return 2
+    save = os.path.abspath(save or tempfile.mkdtemp(prefix="meds-recipe-"))
+    os.makedirs(save, exist_ok=True)
+    print("preparing the 14-block tiny model (cached after the first time) ...", flush=True)
+    model = recipe_model()
+
+    def write_sums(name, pairs):  # the recipes' dataset format: the bare question and its answer
+        path = os.path.join(save, name)
+        with open(path, "w") as fh:
+            fh.writelines(
+                json.dumps({"problem": QUESTION.format(a=a, b=b), "answer": str(a + b)}) + "\n" for a, b in pairs
+            )
+        return path
+
+    cluster = LocalRayCluster(env=CPU_ENV, num_gpus=2)
+    variables = {
+        "MODEL": model, "DATASET": write_sums("sums.jsonl", RECIPE_QUESTIONS),
+        "EVAL_DATASET": write_sums("sums_eval.jsonl", RECIPE_EVAL_QUESTIONS),
+        # Responses up to 576 tokens: the DAPO arm's overlong buffer (512) then starts at 64 tokens, past the model's
+        # answers (about 20), as the recipe's 3072 - 512 is past a 7B model's usual ones.
+        "PROMPT_MAX_LEN": "64", "RESPONSE_MAX_LEN": "576",
+        # Groups of 8 in micro-batches of 4: every group DAPO's filter keeps gives each of the two ranks one. With 8,
+        # an odd number of kept groups gives one rank a micro-batch more, and upstream's training step then waits in
+        # a collective for good (on GPUs the filter draws new prompts until the batch is full; 8 questions cannot).
+        "MICRO_ROLLOUT_BATCH_SIZE": "4",
+        "NUM_NODES": "1", "GPUS_PER_NODE": "2", "NUM_EPISODES": str(steps), "SAVE_STEPS": "1", "SAVE_DIR": save,
+        "RAY_ADDRESS": cluster.address,
+    }  # fmt: skip
+    # The recipe calls `ray` and its job calls `python3`: this environment's, first on the PATH.
+    cluster.env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + cluster.env.get("PATH", "")
+    env = {**cluster.env, **variables}
+    command = ["bash", recipe, *[arg for args, _ in RECIPE_CPU_ARGS for arg in args], *extra]
+    print(f"recipe variables: {' '.join(f'{k}={v}' for k, v in variables.items())}", flush=True)
+    for args, reason in RECIPE_CPU_ARGS:
+        print(f"appended {' '.join(args)}: {reason}", flush=True)
+    what = f"{os.path.basename(recipe)} (ALGO={os.environ.get('ALGO', 'dapo')} MEDS={os.environ.get('MEDS', '1')})"
+    code = follow_job(
+        cluster,
+        save,
+        lambda cluster, on_line: run_job(cluster, command, os.path.join(save, "job.log"), on_line, env=env),
+        what,
+    )
+    if code != 0:
+        return 1
+    print(f"done in {time.time() - start:.0f} s: checkpoints in {save}/ckpt, TensorBoard events in {save}/tensorboard")
     return 0

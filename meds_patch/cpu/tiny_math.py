@@ -22,6 +22,13 @@ PROMPT = (
     "Question: what is {a} + {b}? Please reason step by step, and put your final answer within \\boxed{{}}. Answer:"
 )
 SOLUTION = " {a} + {b} = {c}, so the answer is \\boxed{{{c}}}."
+# The GPU recipes' prompt (PROMPT_TEMPLATE in examples/scripts/meds_recipe_common.sh, a str.format template; the tests
+# check that the two agree) and the bare question that their datasets hold: the recipe model learns to answer under it.
+QWEN_MATH_TEMPLATE = (
+    "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{{}}.<|im_end|>\n"
+    "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+QUESTION = "what is {a} + {b}?"
 PAIRS = [(a, b) for a in range(12) for b in range(12)]
 CORPUS = [PROMPT.format(a=a, b=b) + SOLUTION.format(a=a, b=b, c=a + b) for a, b in PAIRS]
 
@@ -84,17 +91,17 @@ def cache_root() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "openrlhf-meds")
 
 
-def tuned_model(name: str, corpus: List[str], steps: int, batch_size: int = 16) -> str:
+def tuned_model(name: str, corpus: List[str], steps: int, batch_size: int = 16, num_layers: int = 4) -> str:
     """The folder of the tiny Qwen2 fine-tuned ``steps`` steps on ``corpus`` (model, tokenizer, generation config),
     built once and cached as ``name``-HASH. The hash covers the corpus, the settings and this module's source (the
     tokenizer, the model and the training), so a change to any of them builds a new model."""
-    recipe = repr((inspect.getsource(sys.modules[__name__]), corpus, steps, batch_size))
+    recipe = repr((inspect.getsource(sys.modules[__name__]), corpus, steps, batch_size, num_layers))
     target = os.path.join(cache_root(), f"{name}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}")
     if os.path.isdir(target):
         return target
     tokenizer = tiny_tokenizer()
     tokenizer.padding_side = "right"
-    model = tiny_model(tokenizer)
+    model = tiny_model(tokenizer, num_layers=num_layers)
     fine_tune(model, tokenizer, steps, batch_size=batch_size, corpus=corpus)
     tokenizer.padding_side = "left"
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -114,6 +121,15 @@ def tuned_model(name: str, corpus: List[str], steps: int, batch_size: int = 16) 
 def prepared_model() -> str:
     """The demo's model: the tiny Qwen2 after 150 steps on the one-digit sums of ``CORPUS``."""
     return tuned_model("tiny-math-qwen2", CORPUS, steps=150)
+
+
+def recipe_model() -> str:
+    """The model of ``demo --recipe``: 14 blocks, so that the recipes' ``--algo.meds.num_layers 14`` reads 14 real
+    layers, fine-tuned on the sums under the recipes' Qwen-Math template."""
+    corpus = [
+        QWEN_MATH_TEMPLATE.format(QUESTION.format(a=a, b=b)) + SOLUTION.format(a=a, b=b, c=a + b) for a, b in PAIRS
+    ]
+    return tuned_model("tiny-math-qwen2-14", corpus, steps=1200, num_layers=14)
 
 
 def write_prompts(path: str, pairs) -> str:

@@ -330,9 +330,9 @@ def finish_capture(policy, capture: ForwardCapture):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         capture.failure = f"MEDS: the feature capture failed on policy rank {rank}: {capture.failure}"
         logger.error(capture.failure)
-        parameter = next(policy.actor.model.parameters())
-        width = policy.actor.model.config.get_text_config().hidden_size
-        placeholder = torch.zeros(len(hidden.flat_index), width, dtype=parameter.dtype, device=parameter.device)
+        head = hidden.lm_head.weight  # (V, H); ZeRO-3 keeps the full shape as ds_shape
+        width = getattr(head, "ds_shape", head.shape)[-1]
+        placeholder = torch.zeros(len(hidden.flat_index), width, dtype=head.dtype, device=head.device)
         hidden.states = [placeholder] * len(hidden.blocks)
     values = hidden.logits(capture.target)
     if capture.ring_group is not None:
