@@ -1,6 +1,7 @@
 """Several data-parallel policy ranks over a Ray cluster of two nodes on this machine (the head at 127.0.0.1 with
 the vLLM engine and rank 0, a second node at 127.0.0.2 with rank 1), through ``ray job submit`` of upstream's
-``train_ppo_ray``. One ZeRO-3 run with a sharded memory serves the tests that read it."""
+``train_ppo_ray``. The demo's own run on two nodes (``demo --nodes 2``: a memory sharded over two actors, the
+test-only feature dump on) serves the tests that read it; ZeRO-3 over two ranks runs in ``test_recipe_cpu.py``."""
 
 import math
 import os
@@ -8,12 +9,13 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from meds_patch.core.features import find_answer_positions
-from meds_patch.cpu.cluster import CPU_ENV, LocalRayCluster, actor_nodes, scalars, submit
+from meds_patch.cpu.cluster import CPU_ENV, LocalRayCluster, scalars, submit
 from meds_patch.cpu.demo import QUESTIONS, training_args
 from meds_patch.cpu.tiny_math import prepared_model, write_prompts
 from meds_patch.tools.report import find_memory_state
@@ -23,37 +25,41 @@ FEATURE_DUMP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "feature
 NUM_LAYERS = 4  # training_args' --algo.meds.num_layers, and all of the tiny model's blocks
 
 
-@pytest.fixture(scope="module")
-def two_nodes():
-    # The test-only feature dump (tests/feature_dump/sitecustomize.py) is on in every process of this cluster.
-    env = {**CPU_ENV, "MEDS_TEST_FEATURE_DUMP": "1", "PYTHONPATH": FEATURE_DUMP}
-    with LocalRayCluster(env=env, nodes=2, node_gpus=1) as cluster:
-        yield cluster
+def demo(*args: str) -> str:
+    env = {**os.environ, "MEDS_TEST_FEATURE_DUMP": "1", "PYTHONPATH": FEATURE_DUMP}
+    done = subprocess.run([sys.executable, "-m", "meds_patch", "demo", *args], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
 
 
 @pytest.fixture(scope="module")
-def zero3_run(two_nodes, tmp_path_factory):
-    run = train(two_nodes, str(tmp_path_factory.mktemp("zero3")), 2, "--ds.zero_stage", "3", nodes=2)
-    run.placement = actor_nodes(two_nodes)
-    return run
+def two_node_demo(tmp_path_factory):
+    """The demo on two nodes for 2 steps at alpha 0.2, then resumed for a third without its options."""
+    folder = tmp_path_factory.mktemp("demo")
+    printed = demo("--nodes", "2", "--steps", "2", "--save", str(folder), "--alpha", "0.2")
+    steps = scalars(os.path.join(folder, "tensorboard"), "train/")
+    saved, _ = find_memory_state(os.path.join(folder, "ckpt"))
+    resumed = demo("--resume", str(folder), "--steps", "1")  # on 2 nodes and at alpha 0.2, as it was started
+    return SimpleNamespace(folder=str(folder), printed=printed, steps=steps, saved=saved, resumed=resumed)
 
 
-def test_policy_ranks_and_memory_shards_run_on_both_nodes(zero3_run):
-    assert len(zero3_run.placement["PolicyModelActor"]) == 2
-    assert len(set(zero3_run.placement["PolicyModelActor"])) == 2
-    assert len(zero3_run.placement["MemoryShard"]) == 2 and len(set(zero3_run.placement["MemoryShard"])) == 2
+def test_policy_ranks_and_memory_shards_run_on_both_nodes(two_node_demo):
+    lines = [line.strip().split(": ", 1) for line in two_node_demo.printed.splitlines() if line.startswith("  ")]
+    placed = {name: where for name, *where in lines if where}  # the demo lists where each actor ran
+    for actor in ("PolicyModelActor", "MemoryShard"):
+        assert sorted(placed[actor][0].split(", ")) == ["127.0.0.1", "127.0.0.2"]  # one on each node
 
 
-def test_two_ranks_under_zero3_penalise_recurring_wrong_answers(zero3_run):
-    penalties = zero3_run.series("train/meds/penalty_mean")
-    assert penalties[0] == 0.0 and penalties[1] > 0  # every question's second visit has a history
-    assert zero3_run.series("train/meds/memories") == [len(QUESTIONS)] * 2
+def test_two_ranks_penalise_recurring_wrong_answers(two_node_demo):
+    steps = two_node_demo.steps
+    assert steps[1]["train/meds/penalty_mean"] == 0.0 and steps[2]["train/meds/penalty_mean"] > 0
+    assert [steps[s]["train/meds/memories"] for s in (1, 2)] == [len(QUESTIONS)] * 2
 
 
-def test_two_ranks_save_the_memory_once_in_the_checkpoint(zero3_run):
-    state, _ = find_memory_state(os.path.join(zero3_run.folder, "ckpt"))
+def test_two_ranks_save_the_memory_once_in_the_checkpoint(two_node_demo):
+    state = two_node_demo.saved
     assert len(state["keys"]) == len(set(state["keys"])) == len(QUESTIONS)
-    assert sum(len(v) for v in state["vectors"]) == zero3_run.series("train/meds/stored_vectors")[-1]
+    assert sum(len(v) for v in state["vectors"]) == two_node_demo.steps[2]["train/meds/stored_vectors"]
 
 
 def features_from_the_model(model, tokenizer, row) -> torch.Tensor:
@@ -76,13 +82,13 @@ def features_from_the_model(model, tokenizer, row) -> torch.Tensor:
     return values.masked_fill((positions < 0).view(-1, 1), math.nan)
 
 
-def test_every_feature_is_its_own_rollouts(zero3_run):
+def test_every_feature_is_its_own_rollouts(two_node_demo):
     # Step 1's experience forward used the initial weights: the prepared model, recomputed here outside the run.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(prepared_model(), dtype=torch.bfloat16, attn_implementation="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(prepared_model())
-    dumped = torch.load(os.path.join(zero3_run.folder, "feature-dump.pt"))
+    dumped = torch.load(os.path.join(two_node_demo.folder, "feature-dump.pt"))
     assert len(dumped) >= 2  # each rank's share of the step arrived as its own Experiences
     stored, recomputed = [], []
     for row in dumped:
@@ -139,19 +145,8 @@ def test_a_node_lost_mid_run_ends_the_job_and_a_resubmission_continues_from_the_
     assert max(resumed.scalars("train/reward")) == 4
 
 
-def test_the_demo_on_two_nodes_trains_and_resumes(tmp_path):
-    def demo(*args):
-        done = subprocess.run([sys.executable, "-m", "meds_patch", "demo", *args], capture_output=True, text=True)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        return done.stdout
-
-    printed = demo("--nodes", "2", "--steps", "2", "--save", str(tmp_path), "--alpha", "0.2")
-    ranks = next(line for line in printed.splitlines() if line.strip().startswith("PolicyModelActor:"))
-    assert len(set(ranks.split(":", 1)[1].split(","))) == 2  # one rank on each node
-    penalties = scalars(os.path.join(tmp_path, "tensorboard"), "train/meds/penalty_mean")
-    assert penalties[2]["train/meds/penalty_mean"] > 0
-    saved, _ = find_memory_state(os.path.join(tmp_path, "ckpt"))
-    resumed = demo("--resume", str(tmp_path), "--steps", "1")  # on 2 nodes and at alpha 0.2, as it was started
+def test_the_demo_on_two_nodes_trains_and_resumes(two_node_demo):
+    resumed, saved = two_node_demo.resumed, two_node_demo.saved
     assert (
         f"MEDS: restored {{'memories': {len(QUESTIONS)}, 'vectors': {sum(len(v) for v in saved['vectors'])},"
         in resumed
@@ -159,4 +154,5 @@ def test_the_demo_on_two_nodes_trains_and_resumes(tmp_path):
     assert "step 3:" in resumed
     # At the default alpha 0.1 the cap beta = 2 alpha = 0.2 bounds every penalty; at 0.2 a cluster of n >= 2
     # earlier wrong answers costs 0.2 ln 3 = 0.22.
-    assert scalars(os.path.join(tmp_path, "tensorboard"), "train/meds/penalty_max")[3]["train/meds/penalty_max"] > 0.2
+    penalties = scalars(os.path.join(two_node_demo.folder, "tensorboard"), "train/meds/penalty_max")
+    assert penalties[3]["train/meds/penalty_max"] > 0.2
