@@ -92,8 +92,8 @@ class StepPrinter:
                     self.cluster = None
 
 
-def follow_job(cluster, save: str, run_job: Callable, what: str) -> int:
-    """Start ``cluster`` (a context manager), run ``run_job(cluster, on_line)`` in it, print each step's MEDS values as
+def follow_job(cluster, save: str, job: Callable, what: str) -> int:
+    """Start ``cluster`` (a context manager), run ``job(cluster, on_line)`` in it, print each step's MEDS values as
     they arrive, and stop the cluster on exit, error, Ctrl-C or SIGTERM. Returns the job's exit code; on failure the
     end of ``save``/job.log is printed."""
     # A signal can land in library code that swallows the exception (a bare ``except:`` around an import): it is
@@ -114,7 +114,7 @@ def follow_job(cluster, save: str, run_job: Callable, what: str) -> int:
     with cluster as cluster:
         print(f"submitting {what}; job log: {save}/job.log", flush=True)
         printer = StepPrinter(os.path.join(save, "tensorboard"), cluster)
-        code = run_job(cluster, on_line)
+        code = job(cluster, on_line)
         if signals:  # the last line came before the signal was raised again
             stop_on(signals[0], None)
         printer.poll()
