@@ -1,8 +1,9 @@
 """The GPU recipe as written, on this machine: ``python -m meds_patch demo --recipe`` runs
 ``examples/scripts/train_meds_qwen2.5_math_7b.sh`` itself against a local Ray cluster with two declared GPUs: packing
 with flash-attention 2 (the CPU backend's kernels), ZeRO-3 over two policy ranks, colocation, DeepSpeed's and vLLM's
-sleep, gradient checkpointing, the arm's options, evaluation, save_hf and K = 14 on a 14-block model. One run per
-arm serves the tests that read it; the test-only switches of ``tests/feature_dump`` are on in its cluster."""
+sleep, gradient checkpointing, the arm's options, evaluation, save_hf and K = 14 on a 14-block model. Two runs serve
+the tests that read them, DAPO and GRPO with ring attention; the test-only switches of ``tests/feature_dump`` are on
+in their clusters."""
 
 import math
 import os
@@ -43,16 +44,12 @@ def dapo(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def grpo(tmp_path_factory):
-    return run_recipe(str(tmp_path_factory.mktemp("grpo")), 2, ALGO="grpo")
-
-
-@pytest.fixture(scope="module")
-def ring(tmp_path_factory):
-    # The two policy ranks form one ring: each holds half of every packed micro-batch. Micro-batches of 3 rows: of
-    # equal lengths (a question's samples often are), the middle one lies on both ranks.
+def grpo_ring(tmp_path_factory):
+    # GRPO (reference model, KL loss) with the two policy ranks forming one ring: each holds half of every packed
+    # micro-batch. Micro-batches of 3 rows: of equal lengths (a question's samples often are), the middle one lies on
+    # both ranks. One run serves the GRPO arm and ring attention.
     extra = ["--ds.ring_attn_size", "2", "--rollout.micro_batch_size", "3"]
-    return run_recipe(str(tmp_path_factory.mktemp("ring")), 2, *extra, ALGO="dapo")
+    return run_recipe(str(tmp_path_factory.mktemp("grpo_ring")), 2, *extra, ALGO="grpo")
 
 
 RESOLVED = (
@@ -60,14 +57,14 @@ RESOLVED = (
     "ds.ring_attn_size={ring} ds.zero_stage=3 train.colocate_all=True vllm.enable_sleep=True ds.enable_sleep=True "
     "vllm.sync_backend=gloo actor.gradient_checkpointing_enable=True algo.meds.num_layers=14"
 )
-ARMS = ["dapo", "grpo", "ring"]
+ARMS = ["dapo", "grpo_ring"]
 
 
 @pytest.mark.parametrize("arm", ARMS)
 def test_the_recipe_runs_with_packing_flash_attention_zero3_colocation_and_both_sleeps(arm, request):
     run = request.getfixturevalue(arm)
     assert run.proc.returncode == 0, run.proc.stdout[-3000:] + run.proc.stderr[-3000:]
-    assert RESOLVED.format(ring=2 if arm == "ring" else 1) in run.proc.stdout
+    assert RESOLVED.format(ring=2 if arm == "grpo_ring" else 1) in run.proc.stdout
     assert "seconds to fall asleep" in run.log  # vLLM's engines were put to sleep between phases
     assert sorted(run.steps) == [1, 2]
 
@@ -93,9 +90,10 @@ def test_dapo_filters_groups_evaluates_and_saves_the_hf_model(dapo):
     assert os.path.isfile(os.path.join(dapo.folder, "ckpt", "global_step2_hf", "config.json"))  # --ckpt.save_hf
 
 
-def test_grpo_trains_against_its_reference_model_with_a_kl_loss(grpo):
-    assert "  ReferenceModelActor: " in grpo.proc.stdout  # the demo lists the run's actors after step 1
-    assert math.isfinite(grpo.steps[2]["train/kl"]) and "train/dynamic_filtering_pass_rate" not in grpo.steps[1]
+def test_grpo_trains_against_its_reference_model_with_a_kl_loss(grpo_ring):
+    assert "  ReferenceModelActor: " in grpo_ring.proc.stdout  # the demo lists the run's actors after step 1
+    steps = grpo_ring.steps
+    assert math.isfinite(steps[2]["train/kl"]) and "train/dynamic_filtering_pass_rate" not in steps[1]
 
 
 def answer_positions(tokenizer, row) -> torch.Tensor:
@@ -138,7 +136,7 @@ def ring_slices(attention_mask: torch.Tensor, positions: torch.Tensor):
     return owners, bool(((starts < half) & (starts + lengths > half)).any())
 
 
-@pytest.mark.parametrize("arm", ["dapo", "ring"])
+@pytest.mark.parametrize("arm", ["dapo", "grpo_ring"])
 def test_every_packed_feature_is_its_own_rollouts(arm, request):
     # Step 1's experience forward used the initial weights: the recipe model, recomputed here outside the run.
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -156,7 +154,7 @@ def test_every_packed_feature_is_its_own_rollouts(arm, request):
         stored.shape[1] == NUM_LAYERS and len(stored) % SAMPLES == 0 and len(stored) <= len(RECIPE_QUESTIONS) * SAMPLES
     )
     assert (~stored.isnan().any(1)).sum() >= len(stored) // 2
-    if arm == "ring":  # answers on both ranks of the ring, and rows cut in two by the slice boundary
+    if arm == "grpo_ring":  # answers on both ranks of the ring, and rows cut in two by the slice boundary
         slices = [ring_slices(r["attention_mask"], answer_positions(tokenizer, r)) for r in dumped]
         assert {0, 1} <= set(torch.cat([owners for owners, _ in slices]).tolist())
         assert any(straddles for _, straddles in slices)
